@@ -269,3 +269,36 @@ class GPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+def load_checkpoint(path, device="cpu"):
+    """
+    Read a ckpt.pt written by train.py: a dict of tensors and plain values, so it loads with weights_only=True (no
+    pickled code runs). A missing, truncated or foreign file is a ValueError that says which.
+    """
+    import os
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read checkpoint {path} (truncated, or not written by train.py?): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' / 'model_args')")
+    return checkpoint
+
+
+def load_model(path, device="cpu", attn=None):
+    """
+    (model in eval mode, checkpoint info without the weights) from a ckpt.pt. attn="softmax" | "lucid" runs the
+    checkpoint with the other attention: both have the same parameters, LUCID adds none.
+    """
+    checkpoint = load_checkpoint(path, device)
+    model_args = dict(checkpoint["model_args"])
+    if attn is not None:
+        model_args["attn"] = attn
+    model = GPT(GPTConfig(**model_args))
+    model.load_state_dict(checkpoint["model"])
+    info = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer")}
+    return model.to(device).eval(), info

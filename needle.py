@@ -1186,7 +1186,7 @@ def model_meta(path, model):
 def main(argv=None):
     parser = build_parser()
     args = resolve_args(parser, parser.parse_args(argv))
-    from sample import load_model
+    from model import load_model
     model, _ = load_model(args.ckpt, args.device)
     vs_model = load_model(args.vs, args.device)[0] if args.vs else None
     vocab_size = model.config.vocab_size

@@ -11,15 +11,7 @@ import numpy as np
 import torch
 
 import needle
-from model import GPT, GPTConfig
-
-
-def load_model(path, device="cpu"):
-    """(model in eval mode, {"config": training settings, "iter_num": ...}) from a ckpt.pt."""
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), {"config": checkpoint["config"], "iter_num": checkpoint["iter_num"]}
+from model import load_model
 
 
 def show(tokens, width=24):

@@ -21,7 +21,7 @@ import torch
 
 import lucid
 import needle
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # default settings
@@ -159,7 +159,7 @@ def train(c):
     model_args = {k: c[k] for k in model_keys}
     iter_num, checkpoint = 0, None
     if c["init_from"] == "resume":
-        checkpoint = torch.load(ckpt_path, map_location=c["device"], weights_only=False)
+        checkpoint = load_checkpoint(ckpt_path, c["device"])
         model_args = checkpoint["model_args"]                              # the architecture comes from the checkpoint
         iter_num = checkpoint["iter_num"]
     elif c["init_from"] != "scratch":
@@ -241,7 +241,7 @@ def load_settings(argv):
         path = os.path.join(settings["out_dir"], "ckpt.pt")
         if not os.path.isfile(path):
             raise ValueError(f"init_from='resume' but there is no checkpoint at {path}")
-        saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
+        saved = load_checkpoint(path)["config"]
         settings = parse_config(argv, defaults={**DEFAULTS, **saved})
     return settings
 
