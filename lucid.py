@@ -191,11 +191,12 @@ class BlockedPrecondition(torch.autograd.Function):
 # decode and chunked prefill
 
 
-def precondition_chunk(k_new, v_new, k_past, vp_past, eps=EPS, block_size=BLOCK_SIZE):
+def precondition_chunk(k_new, v_new, k_past, vp_past, eps=EPS, block_size=BLOCK_SIZE, rstd_past=None):
     """
     V' of C new tokens after P cached ones. k_new, v_new: (B, Hkv, C, D); k_past: cached raw keys and vp_past:
     cached V', (B, Hkv, P, D). The chunk is solved within itself too, so one call with C tokens equals C calls with
-    one token each, and both equal the full prefill (earlier V' never change). Returns (B, Hkv, C, D) in v's dtype.
+    one token each, and both equal the full prefill (earlier V' never change). rstd_past (B, Hkv, P, 1), the cached
+    rstd of the past keys, saves renormalising the cache. Returns (B, Hkv, C, D) in v's dtype.
     """
     _check_kv(k_new, v_new)
     _check_tensor("k_past", k_past)
@@ -204,12 +205,137 @@ def precondition_chunk(k_new, v_new, k_past, vp_past, eps=EPS, block_size=BLOCK_
         raise ValueError(f"k_past {tuple(k_past.shape)} and vp_past {tuple(vp_past.shape)} disagree in (B, Hkv, P)")
     if k_past.shape[:2] != k_new.shape[:2] or k_past.shape[3] != k_new.shape[3]:
         raise ValueError(f"cache keys {tuple(k_past.shape)} do not match new keys {tuple(k_new.shape)} in B, Hkv or D")
+    if rstd_past is not None and rstd_past.shape != k_past.shape[:3] + (1,):
+        raise ValueError(f"rstd_past must be {tuple(k_past.shape[:3]) + (1,)}, got {tuple(rstd_past.shape)}")
     with torch.autocast(device_type=k_new.device.type, enabled=False):
         kh, _ = rms_normalize(k_new, eps)                                    # (B, Hkv, C, D)
-        kh_past, _ = rms_normalize(k_past, eps)                              # (B, Hkv, P, D)
         dtype = kh.dtype
+        if rstd_past is None:
+            kh_past, _ = rms_normalize(k_past, eps)                          # (B, Hkv, P, D)
+        else:
+            kh_past = k_past.to(dtype) * rstd_past.to(dtype)
         vp = _forward_substitution(kh, v_new.to(dtype), block_size, kh_past, vp_past.to(dtype))
     return vp.to(v_new.dtype)
+
+
+def _check_decode(q, k, v, k_cache, vp_cache, rstd_cache, length, start):
+    _check_tensor("q", q)
+    _check_kv(k, v)
+    for name, x in (("k_cache", k_cache), ("vp_cache", vp_cache), ("rstd_cache", rstd_cache)):
+        _check_tensor(name, x)
+    B, Hkv, T, D = k.shape
+    if T != 1 or q.shape[2] != 1:
+        raise ValueError(f"decode_step takes one new token; got q {tuple(q.shape)}, k {tuple(k.shape)} "
+                         "(a chunk of tokens goes through precondition_chunk)")
+    if q.shape[0] != B or q.shape[3] != D or q.shape[1] % Hkv != 0:
+        raise ValueError(f"q {tuple(q.shape)} must be (B, H, 1, D) with H divisible by Hkv for k {tuple(k.shape)}")
+    if k_cache.shape[:2] != (B, Hkv) or k_cache.shape[3] != D or vp_cache.shape != k_cache.shape:
+        raise ValueError(f"caches k {tuple(k_cache.shape)}, V' {tuple(vp_cache.shape)} must be (B, Hkv, max_len, D) "
+                         f"for k {tuple(k.shape)}")
+    if rstd_cache.shape != k_cache.shape[:3] + (1,):
+        raise ValueError(f"rstd_cache must be {tuple(k_cache.shape[:3]) + (1,)}, got {tuple(rstd_cache.shape)}")
+    if not 0 <= length <= k_cache.shape[2]:
+        raise ValueError(f"cache length {length} outside 0 .. max_len={k_cache.shape[2]}")
+    if start is not None and (start.shape != (B,) or start.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"start must be an integer tensor of shape ({B},), got {start.dtype} {tuple(start.shape)}")
+
+
+def decode_step_torch(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, eps=EPS):
+    """
+    The PyTorch reference (and fallback) of one decode step; see decode_step. The row of E, the new V' row and the
+    attention are formed explicitly from the first `length` cached rows, in fp32 (fp64 for fp64 input).
+    """
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    s = D ** -0.5
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        kh_t, rstd_t = rms_normalize(k, eps)                                 # (B, Hkv, 1, D), (B, Hkv, 1, 1)
+        dtype = torch.promote_types(kh_t.dtype, _compute_dtype(q, vp_cache))
+        keys = k_cache[:, :, :length].to(dtype)                             # (B, Hkv, P, D)
+        vp_past = vp_cache[:, :, :length].to(dtype)                         # (B, Hkv, P, D)
+        kh_past = keys * rstd_cache[:, :, :length].to(dtype)
+        valid = torch.ones(B, 1, 1, length, dtype=torch.bool, device=q.device)
+        if start is not None:                                                # left padding: keys before start are out
+            valid = torch.arange(length, device=q.device) >= start.view(B, 1, 1, 1)
+        a = preconditioner_entries(kh_t.to(dtype), kh_past).where(valid, 0.0)   # (B, Hkv, 1, P), row t of E
+        vp_t = v.to(dtype) - a @ vp_past                                     # v'_t = v_t − Σ_j a_j·v'_j
+        qg = q.to(dtype).view(B, Hkv, H // Hkv, D)                          # the G query heads of each KV head
+        scores = (s * qg @ keys.transpose(-1, -2)).masked_fill(~valid, float("-inf"))   # (B, Hkv, G, P)
+        own = s * (qg * k.to(dtype)).sum(-1, keepdim=True)                  # (B, Hkv, G, 1), the new token itself
+        p = torch.cat([scores, own], dim=-1).softmax(-1)
+        o = p[..., :length] @ vp_past + p[..., length:] * vp_t              # (B, Hkv, G, D)
+    return o.reshape(B, H, 1, D).to(q.dtype), vp_t.to(v.dtype), rstd_t
+
+
+_decode_kernel_checked = {}   # (device, dtype, D, G) -> None if the kernel agreed with decode_step_torch, else why not
+
+
+def _decode_kernel_self_check(device, dtype, D, G):
+    """Run the fused decode kernel once on a small cache with clustered keys and compare with decode_step_torch."""
+    import kernel
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, L, P = 2, 2, 300, 257
+    centres = torch.randn(4, D, generator=g)
+    k_cache = centres[torch.randint(0, 4, (B, Hkv, L), generator=g)] + 0.1 * torch.randn(B, Hkv, L, D, generator=g)
+    rstd_cache = torch.rsqrt(k_cache.pow(2).mean(-1, keepdim=True) + EPS)
+    vp_cache, k = torch.randn(B, Hkv, L, D, generator=g), centres[[0]].expand(B, Hkv, 1, D).contiguous()
+    q, v = torch.randn(B, Hkv * G, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    start = torch.tensor([0, 5])
+    args = [x.to(device=device, dtype=dtype) for x in (q, k, v, k_cache, vp_cache)] + [rstd_cache.to(device)]
+    got = kernel.decode_step(*args, P, start.to(device), EPS)
+    ref = decode_step_torch(*args, P, start.to(device), EPS)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    for name, x, r in zip(("output", "V' row", "rstd"), got, ref):
+        err = ((x.float() - r.float()).norm() / r.float().norm()).item()
+        if not err <= tol:                                                   # catches NaN too
+            return f"its self-check failed on {device} {dtype}: the {name} differs from PyTorch by {err:.1e}"
+    return None
+
+
+def which_decode_impl(q, k_cache, impl="auto"):
+    """The implementation decode_step will run: "triton" (kernel.py's fused step) or "torch"."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl in ("naive", "torch") or (impl == "auto" and not q.is_cuda):
+        return "torch"                      # on CPU the kernel runs only under the Triton interpreter: tests ask for it
+    try:
+        import kernel
+        reason = kernel.decode_supports(q, k_cache)
+    except Exception as e:  # triton missing or broken
+        reason = f"kernel.py could not be imported ({type(e).__name__}: {e})"
+    if reason is None:
+        key = (q.device, k_cache.dtype, q.shape[-1], q.shape[1] // k_cache.shape[1])
+        if key not in _decode_kernel_checked:
+            try:
+                _decode_kernel_checked[key] = _decode_kernel_self_check(*key)
+            except Exception as e:
+                _decode_kernel_checked[key] = f"its self-check on {q.device} raised {type(e).__name__}: {e}"
+        reason = _decode_kernel_checked[key]
+    if reason is None:
+        return "triton"
+    _warn_once(f"LUCID fused decode kernel not used ({reason}); falling back to the PyTorch decode step")
+    return "torch"
+
+
+def decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, impl="auto", eps=EPS):
+    """
+    One LUCID decode step against a static cache, for every (batch, KV head):
+
+        k̂_t = RMS(k_t),  a_j = exp(s·k̂_t·k̂_j − 1/s) with k̂_j = k_j·rstd_j,  v'_t = v_t − Σ_{j<t} a_j·v'_j
+        o_h = softmax(s·q_h·[K; k_t]ᵀ)·[V'; v'_t]          for the G query heads h of the KV head
+
+    q: (B, H, 1, D); k, v: the new token's post-RoPE key and value (B, Hkv, 1, D); k_cache, vp_cache (B, Hkv, max_len,
+    D) and rstd_cache (B, Hkv, max_len, 1) hold `length` valid rows. start (B,), optional: row b's cache begins at
+    position start[b] (left padding); earlier rows are left out of both the solve and the attention.
+    Returns (o (B, H, 1, D) in q's dtype, v'_t (B, Hkv, 1, D) in v's dtype, rstd_t (B, Hkv, 1, 1) fp32 or fp64); the
+    caller writes k_t, v'_t, rstd_t at position `length`. impl="auto" runs kernel.py's fused step on CUDA when it
+    supports the inputs (one read of K and V' serves the solve row and all G query heads), else the PyTorch step.
+    """
+    _check_decode(q, k, v, k_cache, vp_cache, rstd_cache, length, start)
+    if which_decode_impl(q, k_cache, impl) == "triton":
+        import kernel
+        return kernel.decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start, eps)
+    return decode_step_torch(q, k, v, k_cache, vp_cache, rstd_cache, length, start, eps)
 
 # -----------------------------------------------------------------------------
 # public interface

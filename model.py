@@ -52,8 +52,13 @@ class GPTConfig:
 
 def rope_angles(start, length, head_dim, theta, device):
     """cos, sin of the rotation angles for positions start .. start+length-1, each (length, head_dim/2), fp32."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None] * inv_freq
+    return rope_angles_at(torch.arange(start, start + length, device=device), head_dim, theta)
+
+
+def rope_angles_at(positions, head_dim, theta):
+    """cos, sin of the rotation angles for integer positions of any shape (...,), each (..., head_dim/2), fp32."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -64,14 +69,21 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-def causal_attention(q, k, v):
+def causal_attention(q, k, v, start=None):
     """
     Softmax attention of q (B, H, C, D) over k, v (B, Hkv, S, D) where the C queries are the last C of the S
     positions: the causal mask is aligned bottom-right (query c sees keys j ≤ S − C + c). SDPA's is_causal is
     aligned top-left when C ≠ S, which would let a decoded token see only the first key.
+    start (B,), optional: row b's sequence begins at position start[b] (left padding); earlier keys are masked out.
+    A padding query sees only itself, so its (unused) output stays finite.
     """
     C, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if start is not None:
+        pos = torch.arange(S, device=q.device)
+        query_pos = (S - C + torch.arange(C, device=q.device))[:, None]                      # (C, 1)
+        mask = (pos <= query_pos) & ((pos >= start.view(-1, 1, 1, 1)) | (pos == query_pos))   # (B, 1, C, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if C == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if C == 1:
@@ -82,26 +94,59 @@ def causal_attention(q, k, v):
 
 class KVCache:
     """
-    What a forward needs to continue a sequence: per layer the post-RoPE keys and the values (for LUCID the solved
-    V', so a new token costs one pass over the cache and earlier rows are never solved again), and the last token
-    (for the token shift).
+    What a forward needs to continue a sequence, in buffers of max_len positions allocated once (at a layer's first
+    write, in the dtype of its keys) and written in place: per layer the post-RoPE keys, the values (for LUCID the
+    solved V', so a new token costs one pass over the cache and earlier rows are never solved again) and, for LUCID,
+    rstd_j = (mean(k_j²) + eps)^-1/2 of every cached key, so k̂_j = k_j·rstd_j needs no renormalisation. rstd is
+    kept in fp32 (one scalar per key, 4 bytes next to 2·D bytes of bf16 key): it is the same fp32 value the prefill
+    computes, so the decode sees exactly the prefill's k̂; a bf16 rstd (error 2⁻⁹) would move s·k̂_t·k̂_j (up to √d)
+    by ~2% and A_ij by as much. Storing k̂ itself would cost a second read of D values per key in the decode step;
+    with rstd the one read of k_j serves both q·k_j and k̂_t·k_j.
+    start (B,), optional: left padding, row b's sequence begins at position start[b] (a ragged batch); positions
+    before it are left out of the solve and the attention. Also holds the last token (for the token shift).
     """
 
-    def __init__(self, n_layer):
-        self.k = [None] * n_layer      # each (B, Hkv, len, D)
+    def __init__(self, n_layer, batch_size, max_len, start=None):
+        if max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {max_len}")
+        if start is not None and tuple(start.shape) != (batch_size,):
+            raise ValueError(f"start must have shape ({batch_size},), got {tuple(start.shape)}")
+        self.batch_size, self.max_len, self.start = batch_size, max_len, start
+        self.k = [None] * n_layer      # each (B, Hkv, max_len, D)
         self.v = [None] * n_layer
+        self.rstd = [None] * n_layer   # each (B, Hkv, max_len, 1), fp32 (fp64 for a float64 model); LUCID only
         self.len = 0
         self.last_token = None         # (B,)
 
-    def past(self, layer):
-        return self.k[layer], self.v[layer]
+    def check(self, idx):
+        """A clear error before a forward of idx (B, T) that this cache cannot hold."""
+        B, T = idx.shape
+        if B != self.batch_size:
+            raise ValueError(f"batch of {B} rows does not match the KV cache's batch of {self.batch_size}")
+        if self.len + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.len} cached + {T} new tokens > max_len={self.max_len}")
 
-    def append(self, layer, k, v):
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+    def past(self, layer):
+        """Views of the cached rows: keys, values, rstd (B, Hkv, len, ·); None before the first write."""
+        if self.k[layer] is None:
+            return None, None, None
+        rstd = self.rstd[layer][:, :, :self.len] if self.rstd[layer] is not None else None
+        return self.k[layer][:, :, :self.len], self.v[layer][:, :, :self.len], rstd
+
+    def append(self, layer, k, v, rstd=None):
+        """Write T new rows at position len (len itself moves once all layers ran); views of all len + T rows."""
+        B, Hkv, T, D = k.shape
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, Hkv, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, Hkv, self.max_len, D)
+            if rstd is not None:
+                self.rstd[layer] = rstd.new_zeros(B, Hkv, self.max_len, 1)
+        end = self.len + T
+        self.k[layer][:, :, self.len:end] = k
+        self.v[layer][:, :, self.len:end] = v
+        if rstd is not None:
+            self.rstd[layer][:, :, self.len:end] = rstd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -122,16 +167,37 @@ class CausalSelfAttention(nn.Module):
         k, v = self.c_kv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, Hkv, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past_k, past_v = cache.past(self.layer) if cache is not None else (None, None)
-        if self.attn == "lucid":  # the switch: precondition the values, V' = L⁻¹V, against the cached rows if any
-            if past_k is None:
+        if cache is None:
+            if self.attn == "lucid":  # the switch: precondition the values, V' = L⁻¹V
                 v = lucid.precondition(k, v, impl=self.lucid_impl)
-            else:
-                v = lucid.precondition_chunk(k, v, past_k, past_v)
-        if cache is not None:
-            k, v = cache.append(self.layer, k, v)                                                # (B, Hkv, S, D)
-        y = causal_attention(q, k, v)                                                            # (B, H, T, D)
+            y = causal_attention(q, k, v)                                                        # (B, H, T, D)
+        else:
+            y = self.forward_cached(q, k, v, cache)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward_cached(self, q, k, v, cache):
+        """Attention of T new tokens q, k, v (post-RoPE) after the cache's rows; writes their rows into the cache."""
+        if self.attn == "softmax":
+            k, v = cache.append(self.layer, k, v)                                                # (B, Hkv, S, D)
+            return causal_attention(q, k, v, cache.start)
+        k_cache = cache.k[self.layer]
+        if q.shape[2] == 1 and k_cache is not None:      # one token: the fused step reads each cached row once
+            y, vp, rstd = lucid.decode_step(q, k, v, k_cache, cache.v[self.layer], cache.rstd[self.layer], cache.len,
+                                            cache.start, impl=self.lucid_impl)
+            cache.append(self.layer, k, vp, rstd)
+            return y
+        # a chunk (or the prompt): solve it against the cached rows and within itself, V' = L⁻¹V
+        if cache.start is not None:      # padding rows get v = 0, hence v' = 0: they add nothing to later rows
+            pos = cache.len + torch.arange(k.shape[2], device=k.device)
+            v = v.masked_fill(pos.view(1, 1, -1, 1) < cache.start.view(-1, 1, 1, 1), 0.0)
+        past_k, past_vp, past_rstd = cache.past(self.layer)
+        if past_k is None:
+            vp = lucid.precondition(k, v, impl=self.lucid_impl)
+        else:
+            vp = lucid.precondition_chunk(k, v, past_k, past_vp, rstd_past=past_rstd)
+        _, rstd = lucid.rms_normalize(k)
+        k, vp = cache.append(self.layer, k, vp, rstd)                                            # (B, Hkv, S, D)
+        return causal_attention(q, k, vp, cache.start)
 
 
 class MLP(nn.Module):
@@ -207,18 +273,30 @@ class GPT(nn.Module):
         """idx (B, T) -> final normalised hidden states (B, T, C). With a cache, idx continues the cached sequence."""
         B, T = idx.shape
         start = cache.len if cache is not None else 0
+        if cache is not None:
+            cache.check(idx)
+        # position of each token in its own sequence; with left padding (a ragged batch) row b starts at cache.start[b]
+        pos = None
+        if cache is not None and cache.start is not None:
+            pos = start + torch.arange(T, device=idx.device) - cache.start.view(B, 1)                # (B, T)
         x = self.wte(idx)                                                                     # (B, T, C)
         if self.shift is not None:
             prev = torch.cat([idx.new_zeros(B, 1), idx[:, :-1]], dim=1)                         # previous token id
             if start > 0:
                 prev[:, 0] = cache.last_token
             prev_emb = self.wte(prev)
-            if start == 0:
+            if pos is not None:
+                prev_emb = prev_emb.masked_fill((pos == 0)[..., None], 0.0)                     # nothing before token 0
+            elif start == 0:
                 prev_emb[:, 0] = 0.0                                                           # nothing before token 0
             x = x + self.shift(prev_emb)
         rope = None
-        if self.config.pos == "rope":
-            rope = rope_angles(start, T, self.config.n_embd // self.config.n_head, self.config.rope_theta, idx.device)
+        head_dim = self.config.n_embd // self.config.n_head
+        if self.config.pos == "rope" and pos is not None:
+            cos, sin = rope_angles_at(pos.clamp(min=0), head_dim, self.config.rope_theta)     # (B, T, D/2)
+            rope = cos[:, None], sin[:, None]                                                 # (B, 1, T, D/2)
+        elif self.config.pos == "rope":
+            rope = rope_angles(start, T, head_dim, self.config.rope_theta, idx.device)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
@@ -236,17 +314,50 @@ class GPT(nn.Module):
             return self.lm_head(h[:, [-1], :]), None
         return None, cross_entropy_chunked(h, self.lm_head.weight, targets)
 
+    def new_cache(self, idx, max_len, lengths=None):
+        """
+        An empty KVCache of max_len positions for the batch idx (B, T). lengths (B,), optional: a ragged batch, row b's
+        prompt is its last lengths[b] tokens (left padding); the padding is left out of the solve and the attention,
+        so each row comes out as if it ran alone.
+        """
+        B, T = idx.shape
+        if T < 1:
+            raise ValueError("the prompt must have at least one token")
+        if T > max_len:
+            raise ValueError(f"prompt of {T} tokens is longer than max_len={max_len}")
+        start = None
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=idx.device)
+            if lengths.shape != (B,) or lengths.is_floating_point():
+                raise ValueError(f"lengths must be {B} integers, one per row of idx {tuple(idx.shape)}; "
+                                 f"got {tuple(lengths.shape)} {lengths.dtype}")
+            if not bool(((lengths >= 1) & (lengths <= T)).all()):
+                raise ValueError(f"lengths must lie in 1 .. {T} (the padded prompt length); got {lengths.tolist()}")
+            start = (T - lengths).long()
+        return KVCache(len(self.blocks), B, max_len, start)
+
     @torch.no_grad()
-    def prefill_chunked(self, idx, chunk_size):
-        """The hidden states of forward_hidden(idx), computed chunk_size tokens at a time against a growing cache."""
-        cache = KVCache(len(self.blocks))
+    def prefill_chunked(self, idx, chunk_size, lengths=None):
+        """
+        The hidden states of forward_hidden(idx), computed chunk_size tokens at a time against a KV cache.
+        lengths: a left-padded ragged batch, as in new_cache (the states at padding positions are meaningless).
+        """
+        cache = self.new_cache(idx, idx.shape[1], lengths)
         return torch.cat([self.forward_hidden(idx[:, i:i + chunk_size], cache)
                           for i in range(0, idx.shape[1], chunk_size)], dim=1)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue idx (B, T) by max_new_tokens tokens using a KV cache. top_k=1 (or temperature=0) is greedy."""
-        cache = KVCache(len(self.blocks))
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None, max_len=None):
+        """
+        Continue idx (B, T) by max_new_tokens tokens using a static KV cache of max_len positions (default
+        T + max_new_tokens). top_k=1 (or temperature=0) is greedy. lengths (B,), optional: a ragged batch given left
+        padded, row b's prompt is idx[b, T - lengths[b]:]; each row is continued as if it were alone.
+        """
+        needed = idx.shape[1] + max(max_new_tokens - 1, 0)                                  # the last token is not fed
+        max_len = needed if max_len is None else max_len
+        if needed > max_len:
+            raise ValueError(f"{idx.shape[1]} prompt + {max_new_tokens} new tokens do not fit max_len={max_len}")
+        cache = self.new_cache(idx, max_len, lengths)
         logits = self.lm_head(self.forward_hidden(idx, cache)[:, -1])                        # (B, vocab)
         for step in range(max_new_tokens):
             if temperature == 0 or top_k == 1:
