@@ -23,6 +23,72 @@ def show(tokens, width=24):
         " ".join(map(str, tokens[-width:]))
 
 
+def bench_decode(device="cuda"):
+    """
+    Per-token decode latency of one model with softmax and with LUCID attention (the same weights: LUCID adds no
+    parameters), at cache lengths 1K .. 128K, batch 1 and 8, in one process: `python sample.py --bench`, GPU only.
+    The 1B shape: 22 layers, 32 query / 4 KV heads of 64, bf16 weights and cache. The cache is filled with random
+    keys and values (latency does not depend on them) instead of a prefill. A step is the whole model on one new
+    token plus the logits; the attention columns time one layer's attention alone (SDPA vs the LUCID decode step).
+    """
+    import datetime
+    import sys
+
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        sys.exit("sample.py --bench needs a CUDA GPU")
+    import triton
+    from triton.testing import do_bench
+
+    import lucid
+    from model import GPT, GPTConfig, causal_attention
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=2048, vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
+                       attn="lucid", pos="rope")
+    model = GPT(config).to(device=device, dtype=torch.bfloat16).eval()
+    Hkv, D = config.n_kv_head, config.n_embd // config.n_head
+    lengths = [1024 * 2 ** i for i in range(8)]                                             # 1K .. 128K
+
+    def set_attn(attn):
+        for block in model.blocks:
+            block.attn.attn = attn
+
+    print(f"# Decode benchmark: softmax vs LUCID\n\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}, {datetime.date.today()}. {model.num_params() / 1e9:.2f}B parameters "
+          f"({config.n_layer} layers, {config.n_head}/{Hkv} heads of {D}), bf16. Times per token in ms.\n")
+    cols = ["B", "cache", "softmax step", "LUCID step", "LUCID/softmax", "softmax attn", "LUCID attn", "attn ratio"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for B in (1, 8):
+        tok = torch.zeros(B, 1, dtype=torch.long, device=device)
+        cache = model.new_cache(tok, max_len=lengths[-1] + 1)
+        gen = torch.Generator(device=device).manual_seed(0)
+        for layer in range(config.n_layer):                                                 # stands in for a prefill
+            shape = (B, Hkv, cache.max_len, D)
+            cache.k[layer] = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
+            cache.v[layer] = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
+            cache.rstd[layer] = torch.cat([lucid.rms_normalize(k)[1] for k in cache.k[layer].split(1)])
+        q = torch.randn(B, config.n_head, 1, D, generator=gen, device=device, dtype=torch.bfloat16)
+        k_new, v_new = q[:, :Hkv].contiguous(), q[:, Hkv:2 * Hkv].contiguous()
+        print(f"<!-- LUCID decode step: {lucid.which_decode_impl(q, cache.k[0])} -->", flush=True)
+        for L in lengths:
+            def step():
+                cache.len = L                                                               # every step writes row L
+                return model.lm_head(model.forward_hidden(tok, cache)[:, -1])
+            row = []
+            with torch.no_grad():
+                for attn in ("softmax", "lucid"):
+                    set_attn(attn)
+                    row.append(do_bench(step, warmup=50, rep=200))
+                k, vp, rstd = cache.k[0][:, :, :L], cache.v[0][:, :, :L], cache.rstd[0]
+                row.append(do_bench(lambda: causal_attention(q, k, vp), warmup=50, rep=200))
+                row.append(do_bench(lambda: lucid.decode_step(q, k_new, v_new, cache.k[0], cache.v[0], rstd, L),
+                                    warmup=50, rep=200))
+            print(f"| {B} | {L // 1024}K | {row[0]:.3f} | {row[1]:.3f} | {row[1] / row[0]:.3f} | {row[2]:.4f} | "
+                  f"{row[3]:.4f} | {row[3] / row[2]:.2f} |", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate from a trained checkpoint.")
     parser.add_argument("--ckpt", default="out-tiny/ckpt.pt")
@@ -31,7 +97,10 @@ def main(argv=None):
     parser.add_argument("--needles", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bench", action="store_true", help="decode latency, softmax vs LUCID (GPU only)")
     args = parser.parse_args(argv)
+    if args.bench:
+        return bench_decode(args.device)
 
     model, info = load_model(args.ckpt, args.device)
     cfg = model.config
