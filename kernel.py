@@ -378,6 +378,9 @@ def _selfcheck(device, dtype=torch.float32, B=1, H=2, N=100, D=32, block_size=32
 # the G partial attention sums (online softmax) and the partial Σ a_j·v'_j. A second kernel merges the splits,
 # forms v'_t = v_t − Σ a_j·v'_j, and adds the new token's own attention term, which needs v'_t and so only comes
 # after the pass. Everything accumulates in fp32 (fp64 for fp64 input); products use IEEE fp32, not TF32.
+# With LUCID=False the same kernels are plain softmax flash-decoding (no row G, v'_t = v_t): the softmax baseline.
+# The cache length may live in a device tensor (the grid then covers max_len and programs past it do nothing), so
+# a step can be captured once in a CUDA graph and replayed at every length.
 
 DECODE_BLOCK_N = 64              # cached rows per tile
 DECODE_MAX_ROWS = 64             # G + 1 query rows per program at most
@@ -403,20 +406,24 @@ def decode_supports(q, k_cache):
 if triton is not None:
 
     @triton.jit
-    def _decode_partial_kernel(Q, KT, KC, VC, RC, START, ACC, M, L, length, split_len, Hkv, G, scale, eps,
+    def _decode_partial_kernel(Q, KT, KC, VC, RC, START, LENGTH, ACC, M, L, length, split_len, Hkv, G, scale, eps,
                                sq_b, sq_h, skt_b, skt_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sr_b, sr_h, sr_n,
-                               D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr):
+                               D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr,
+                               LUCID: tl.constexpr, LENGTH_ON_DEVICE: tl.constexpr):
         ACC_T = tl.float64 if F64 else tl.float32
         bh, split = tl.program_id(0), tl.program_id(1)
         n_splits = tl.num_programs(1)
         b, h = bh // Hkv, bh % Hkv
+        if LENGTH_ON_DEVICE:
+            length = tl.load(LENGTH)
         rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
-        is_q, is_g = rows < G, rows == G
+        is_q, is_g = rows < G, (rows == G) & LUCID
         q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + cols[None, :], mask=is_q[:, None], other=0.0)
-        kt = tl.load(KT + b * skt_b + h * skt_h + cols).to(ACC_T)
-        kh_t = kt / tl.sqrt(tl.sum(kt * kt, 0) / D + eps)                  # k̂_t, as lucid.rms_normalize
         x = tl.where(is_q[:, None], q.to(ACC_T) * (scale * 1.4426950408889634), 0.0)
-        x = tl.where(is_g[:, None], kh_t[None, :], x)                       # (ROWS, D)
+        if LUCID:
+            kt = tl.load(KT + b * skt_b + h * skt_h + cols).to(ACC_T)
+            kh_t = kt / tl.sqrt(tl.sum(kt * kt, 0) / D + eps)              # k̂_t, as lucid.rms_normalize
+            x = tl.where(is_g[:, None], kh_t[None, :], x)                   # (ROWS, D)
         start = tl.load(START + b)
         lo = split * split_len
         hi = tl.minimum(lo + split_len, length)
@@ -430,17 +437,18 @@ if triton is not None:
                         other=0.0).to(ACC_T)
             vp = tl.load(VC + b * sv_b + h * sv_h + offs[:, None] * sv_n + cols[None, :], mask=valid[:, None],
                          other=0.0).to(ACC_T)
-            r = tl.load(RC + b * sr_b + h * sr_h + offs * sr_n, mask=valid, other=0.0).to(ACC_T)
             sc = tl.dot(x, tl.trans(k), input_precision="ieee")            # (ROWS, BLOCK_N), one read of k_j
-            kk = tl.sum(tl.where(is_g[:, None], sc, 0.0), 0)                # k̂_t·k_j, (BLOCK_N,)
-            a = tl.where(valid, tl.exp2((scale * r * kk - 1.0 / scale) * 1.4426950408889634), 0.0)
-            sc = tl.where(is_q[:, None] & valid[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 1))
+            p_sc = tl.where(is_q[:, None] & valid[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(p_sc, 1))
             alpha = tl.exp2(m - m_new)                                      # 1 on row G: its sum is not rescaled
-            p = tl.exp2(sc - m_new[:, None])
-            w = tl.where(is_g[:, None], a[None, :], p)                      # (ROWS, BLOCK_N)
+            p = tl.exp2(p_sc - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(w.to(ACC_T), vp, input_precision="ieee")   # one read of v'_j
+            if LUCID:
+                r = tl.load(RC + b * sr_b + h * sr_h + offs * sr_n, mask=valid, other=0.0).to(ACC_T)
+                kk = tl.sum(tl.where(is_g[:, None], sc, 0.0), 0)            # k̂_t·k_j, (BLOCK_N,)
+                a = tl.where(valid, tl.exp2((scale * r * kk - 1.0 / scale) * 1.4426950408889634), 0.0)
+                p = tl.where(is_g[:, None], a[None, :], p)                  # row G of W: the E row
+            acc = acc * alpha[:, None] + tl.dot(p.to(ACC_T), vp, input_precision="ieee")   # one read of v'_j
             m = m_new
         part = bh * n_splits + split
         tl.store(ACC + part * ROWS * D + rows[:, None] * D + cols[None, :], acc)
@@ -450,17 +458,16 @@ if triton is not None:
     @triton.jit
     def _decode_merge_kernel(Q, KT, VT, ACC, M, L, O, VPT, RT, n_splits, Hkv, G, scale, eps,
                              sq_b, sq_h, skt_b, skt_h, svt_b, svt_h, so_b, so_h, svp_b, svp_h,
-                             D: tl.constexpr, ROWS: tl.constexpr, F64: tl.constexpr):
+                             D: tl.constexpr, ROWS: tl.constexpr, F64: tl.constexpr, LUCID: tl.constexpr):
         ACC_T = tl.float64 if F64 else tl.float32
         bh = tl.program_id(0)
         b, h = bh // Hkv, bh % Hkv
         rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
-        is_q, is_g = rows < G, rows == G
+        is_q, is_g = rows < G, (rows == G) & LUCID
         q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + cols[None, :], mask=is_q[:, None],
                     other=0.0).to(ACC_T)
         kt = tl.load(KT + b * skt_b + h * skt_h + cols).to(ACC_T)
         vt = tl.load(VT + b * svt_b + h * svt_h + cols).to(ACC_T)
-        rstd_t = 1.0 / tl.sqrt(tl.sum(kt * kt, 0) / D + eps)
         own = tl.where(is_q, tl.sum(q * (scale * 1.4426950408889634) * kt[None, :], 1), -1.0e30)   # (ROWS,)
         m_all = own
         for sp in range(0, n_splits):
@@ -472,19 +479,25 @@ if triton is not None:
             w = tl.exp2(tl.load(M + part * ROWS + rows) - m_all)             # 1 on row G (both stay -1e30)
             l_all += w * tl.load(L + part * ROWS + rows)
             acc += w[:, None] * tl.load(ACC + part * ROWS * D + rows[:, None] * D + cols[None, :])
-        vp_t = vt - tl.sum(tl.where(is_g[:, None], acc, 0.0), 0)           # v'_t = v_t − Σ_j a_j·v'_j
+        vp_t = vt
+        if LUCID:
+            vp_t = vt - tl.sum(tl.where(is_g[:, None], acc, 0.0), 0)       # v'_t = v_t − Σ_j a_j·v'_j
+            tl.store(RT + bh, 1.0 / tl.sqrt(tl.sum(kt * kt, 0) / D + eps))
         w_own = tl.where(is_q, tl.exp2(own - m_all), 0.0)
         o = (acc + w_own[:, None] * vp_t[None, :]) / tl.where(is_q, l_all + w_own, 1.0)[:, None]
         tl.store(O + b * so_b + (h * G + rows)[:, None] * so_h + cols[None, :], o.to(O.dtype.element_ty),
                  mask=is_q[:, None])
         tl.store(VPT + b * svp_b + h * svp_h + cols, vp_t.to(VPT.dtype.element_ty))
-        tl.store(RT + bh, rstd_t)
 
 
-def decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, eps=lucid.EPS, split_len=None):
+def decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, eps=lucid.EPS, split_len=None,
+                lucid_solve=True):
     """
-    The fused form of lucid.decode_step (same arguments and results, checked there). split_len: cached rows per
-    program (a multiple of DECODE_BLOCK_N); by default enough splits to give every SM about two programs.
+    The fused form of lucid.decode_step (same arguments and results, checked there). length: an int, or a one-element
+    integer tensor on q's device (the grid then spans the whole cache and no launch argument depends on the length,
+    as a CUDA graph needs). split_len: cached rows per program (a multiple of DECODE_BLOCK_N); by default enough
+    splits to give every SM about two programs. lucid_solve=False: softmax decoding over the raw values in vp_cache
+    (rstd_cache unused, may be None); v'_t is then v_t and rstd_t is not computed.
     """
     B, H, _, D = q.shape
     Hkv = k.shape[1]
@@ -492,33 +505,38 @@ def decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, eps=
     ROWS = max(16, triton.next_power_of_2(G + 1))                          # tl.dot wants at least 16 rows
     f64 = torch.float64 in (q.dtype, k.dtype, v.dtype, k_cache.dtype)
     acc_dtype = torch.float64 if f64 else torch.float32
+    on_device = isinstance(length, torch.Tensor)
+    span = k_cache.shape[2] if on_device else length                        # the rows the grid must cover
     if split_len is None:
         programs = 2 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
-        per_split = triton.cdiv(max(length, 1), max(1, programs // (B * Hkv)))
+        per_split = triton.cdiv(max(span, 1), max(1, programs // (B * Hkv)))
         split_len = DECODE_BLOCK_N * triton.cdiv(per_split, DECODE_BLOCK_N)
-    n_splits = max(1, triton.cdiv(length, split_len))
+    n_splits = max(1, triton.cdiv(span, split_len))
     if start is None:
         start = torch.zeros(B, dtype=torch.int32, device=q.device)
-    start = start.to(device=q.device, dtype=torch.int32).contiguous()
+    start = start.to(device=q.device, dtype=torch.int32)
+    length_ptr = length if on_device else start                             # a placeholder when length is an int
     q3, kt, vt = q[:, :, 0], k[:, :, 0], v[:, :, 0]                       # (B, H, D), (B, Hkv, D)
     for name, x in (("q", q3), ("k", kt), ("v", vt), ("k_cache", k_cache), ("vp_cache", vp_cache)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
+    rc = rstd_cache if lucid_solve else k_cache                             # unused without the solve
     part_acc = torch.empty(B * Hkv * n_splits, ROWS, D, dtype=acc_dtype, device=q.device)
     part_m = torch.empty(B * Hkv * n_splits, ROWS, dtype=acc_dtype, device=q.device)
     part_l = torch.empty_like(part_m)
     scale = D ** -0.5
     _decode_partial_kernel[(B * Hkv, n_splits)](
-        q3, kt, k_cache, vp_cache, rstd_cache, start, part_acc, part_m, part_l, length, split_len, Hkv, G, scale,
-        eps, q3.stride(0), q3.stride(1), kt.stride(0), kt.stride(1), *k_cache.stride()[:3], *vp_cache.stride()[:3],
-        *rstd_cache.stride()[:3], D=D, ROWS=ROWS, BLOCK_N=DECODE_BLOCK_N, F64=f64)
+        q3, kt, k_cache, vp_cache, rc, start, length_ptr, part_acc, part_m, part_l, 0 if on_device else length,
+        split_len, Hkv, G, scale, eps, q3.stride(0), q3.stride(1), kt.stride(0), kt.stride(1),
+        *k_cache.stride()[:3], *vp_cache.stride()[:3], *rc.stride()[:3],
+        D=D, ROWS=ROWS, BLOCK_N=DECODE_BLOCK_N, F64=f64, LUCID=lucid_solve, LENGTH_ON_DEVICE=on_device)
     o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     vp_t = torch.empty(B, Hkv, D, dtype=v.dtype, device=q.device)
     rstd_t = torch.empty(B, Hkv, dtype=acc_dtype, device=q.device)
     _decode_merge_kernel[(B * Hkv,)](
         q3, kt, vt, part_acc, part_m, part_l, o, vp_t, rstd_t, n_splits, Hkv, G, scale, eps, q3.stride(0),
         q3.stride(1), kt.stride(0), kt.stride(1), vt.stride(0), vt.stride(1), o.stride(0), o.stride(1),
-        vp_t.stride(0), vp_t.stride(1), D=D, ROWS=ROWS, F64=f64)
+        vp_t.stride(0), vp_t.stride(1), D=D, ROWS=ROWS, F64=f64, LUCID=lucid_solve)
     return o[:, :, None], vp_t[:, :, None], rstd_t[:, :, None, None]
 
 

@@ -117,6 +117,8 @@ class KVCache:
         self.rstd = [None] * n_layer   # each (B, Hkv, max_len, 1), fp32 (fp64 for a float64 model); LUCID only
         self.len = 0
         self.last_token = None         # (B,)
+        self.pos = None                # (1,) device copy of len, only in a step for a CUDA graph (static_decode_step)
+        self.token_buffer = None       # (B,) where such a step keeps the last token
 
     def check(self, idx):
         """A clear error before a forward of idx (B, T) that this cache cannot hold."""
@@ -136,6 +138,12 @@ class KVCache:
     def append(self, layer, k, v, rstd=None):
         """Write T new rows at position len (len itself moves once all layers ran); views of all len + T rows."""
         B, Hkv, T, D = k.shape
+        if self.pos is not None:         # a step for a CUDA graph: one row, written where the device says
+            self.k[layer].index_copy_(2, self.pos, k)
+            self.v[layer].index_copy_(2, self.pos, v)
+            if rstd is not None:
+                self.rstd[layer].index_copy_(2, self.pos, rstd.to(self.rstd[layer].dtype))
+            return None, None
         if self.k[layer] is None:
             self.k[layer] = k.new_zeros(B, Hkv, self.max_len, D)
             self.v[layer] = v.new_zeros(B, Hkv, self.max_len, D)
@@ -177,6 +185,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward_cached(self, q, k, v, cache):
         """Attention of T new tokens q, k, v (post-RoPE) after the cache's rows; writes their rows into the cache."""
+        if cache.pos is not None:        # a step for a CUDA graph: the fused kernel reads the length on the device
+            import kernel
+            lucid_solve = self.attn == "lucid"
+            y, vp, rstd = kernel.decode_step(q, k, v, cache.k[self.layer], cache.v[self.layer], cache.rstd[self.layer],
+                                             cache.pos, cache.start, lucid_solve=lucid_solve)
+            cache.append(self.layer, k, vp, rstd if lucid_solve else None)
+            return y
         if self.attn == "softmax":
             k, v = cache.append(self.layer, k, v)                                                # (B, Hkv, S, D)
             return causal_attention(q, k, v, cache.start)
@@ -277,8 +292,11 @@ class GPT(nn.Module):
             cache.check(idx)
         # position of each token in its own sequence; with left padding (a ragged batch) row b starts at cache.start[b]
         pos = None
-        if cache is not None and cache.start is not None:
-            pos = start + torch.arange(T, device=idx.device) - cache.start.view(B, 1)                # (B, T)
+        if cache is not None and (cache.start is not None or cache.pos is not None):
+            first = cache.pos if cache.pos is not None else start     # a (1,) tensor in a step for a CUDA graph
+            pos = first + torch.arange(T, device=idx.device)[None]                                  # (1, T)
+            if cache.start is not None:
+                pos = pos - cache.start.view(B, 1)                                                # (B, T)
         x = self.wte(idx)                                                                     # (B, T, C)
         if self.shift is not None:
             prev = torch.cat([idx.new_zeros(B, 1), idx[:, :-1]], dim=1)                         # previous token id
@@ -294,7 +312,7 @@ class GPT(nn.Module):
         head_dim = self.config.n_embd // self.config.n_head
         if self.config.pos == "rope" and pos is not None:
             cos, sin = rope_angles_at(pos.clamp(min=0), head_dim, self.config.rope_theta)     # (B, T, D/2)
-            rope = cos[:, None], sin[:, None]                                                 # (B, 1, T, D/2)
+            rope = cos[:, None], sin[:, None]                                              # (B or 1, 1, T, D/2)
         elif self.config.pos == "rope":
             rope = rope_angles(start, T, head_dim, self.config.rope_theta, idx.device)
         for block in self.blocks:
@@ -302,6 +320,9 @@ class GPT(nn.Module):
         if cache is not None:
             cache.len += T
             cache.last_token = idx[:, -1]
+            if cache.pos is not None:    # a step for a CUDA graph: the state moves on inside the captured buffers
+                cache.pos += T
+                cache.last_token = cache.token_buffer.copy_(idx[:, -1])
         return self.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -347,11 +368,13 @@ class GPT(nn.Module):
                           for i in range(0, idx.shape[1], chunk_size)], dim=1)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None, max_len=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None, max_len=None,
+                 cuda_graph=False):
         """
         Continue idx (B, T) by max_new_tokens tokens using a static KV cache of max_len positions (default
         T + max_new_tokens). top_k=1 (or temperature=0) is greedy. lengths (B,), optional: a ragged batch given left
         padded, row b's prompt is idx[b, T - lengths[b]:]; each row is continued as if it were alone.
+        cuda_graph=True decodes with static_decode_step (one CUDA graph replay per token); off by default.
         """
         needed = idx.shape[1] + max(max_new_tokens - 1, 0)                                  # the last token is not fed
         max_len = needed if max_len is None else max_len
@@ -359,7 +382,10 @@ class GPT(nn.Module):
             raise ValueError(f"{idx.shape[1]} prompt + {max_new_tokens} new tokens do not fit max_len={max_len}")
         cache = self.new_cache(idx, max_len, lengths)
         logits = self.lm_head(self.forward_hidden(idx, cache)[:, -1])                        # (B, vocab)
-        for step in range(max_new_tokens):
+        step = self.static_decode_step(cache) if cuda_graph and max_new_tokens > 1 else None
+        if step is None:
+            step = lambda tok: self.lm_head(self.forward_hidden(tok, cache)[:, -1])          # noqa: E731
+        for i in range(max_new_tokens):
             if temperature == 0 or top_k == 1:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -369,9 +395,67 @@ class GPT(nn.Module):
                     logits[logits < v[:, [-1]]] = -float("inf")
                 idx_next = torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
             idx = torch.cat([idx, idx_next], dim=1)
-            if step + 1 < max_new_tokens:
-                logits = self.lm_head(self.forward_hidden(idx_next, cache)[:, -1])
+            if i + 1 < max_new_tokens:
+                logits = step(idx_next)
         return idx
+
+    def static_decode_step(self, cache):
+        """
+        Decoding one token without any shape or launch argument that depends on the cache length: the fused kernel
+        (for softmax too, without the solve row) reads the length from a device tensor, and rows are written at that
+        position in place. On CUDA the step is captured once in a CUDA graph and replayed for every token, so a
+        step costs one graph launch instead of several hundred kernel launches from Python. Returns step(tok (B, 1))
+        -> logits (B, vocab) (a buffer the next step overwrites), or None, with a one-time warning, when the kernel
+        cannot run these inputs (the caller then decodes eagerly). Without CUDA (kernel under TRITON_INTERPRET=1)
+        the same step runs uncaptured, which is how the tests check it.
+        """
+        import kernel
+        attn = self.blocks[0].attn
+        q = cache.k[0].new_empty(cache.batch_size, attn.n_head, 1, attn.head_dim)           # what a step's q looks like
+        if self.config.attn == "lucid":
+            ok = lucid.which_decode_impl(q, cache.k[0], "triton") == "triton"              # warns if not
+        else:
+            reason = kernel.decode_supports(q, cache.k[0])
+            if reason is not None:
+                lucid._warn_once(f"no CUDA-graph decode ({reason}); decoding eagerly")
+            ok = reason is None
+        if not ok:
+            return None
+        cache.pos = torch.tensor([cache.len], device=q.device)
+        cache.token_buffer = cache.last_token.clone()
+        cache.last_token = cache.token_buffer
+
+        def run(tok):
+            return self.lm_head(self.forward_hidden(tok, cache)[:, -1])
+        if not q.is_cuda:
+            return run
+        tok = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=q.device)           # the graph's input
+        state = cache.len, cache.pos.clone(), cache.token_buffer.clone()
+
+        def restore():  # undo what a warm-up run or the capture did to the position (rows it wrote get rewritten)
+            cache.len = state[0]
+            cache.pos.copy_(state[1])
+            cache.last_token = cache.token_buffer.copy_(state[2])
+        side = torch.cuda.Stream(q.device)
+        side.wait_stream(torch.cuda.current_stream(q.device))
+        with torch.cuda.stream(side):   # warm-up compiles the kernels; it must not run on the capturing stream
+            for _ in range(2):
+                run(tok)
+                restore()
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = run(tok)
+        restore()
+
+        def replay(token):
+            if cache.len + 1 > cache.max_len:
+                raise ValueError(f"KV cache overflow: {cache.len} cached + 1 new token > max_len={cache.max_len}")
+            tok.copy_(token)
+            graph.replay()
+            cache.len += 1
+            return logits
+        return replay
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (not on norms)."""

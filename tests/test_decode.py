@@ -281,3 +281,30 @@ def test_bad_input_is_a_clear_error():
         lucid.decode_step(q, k, k, c, c, c[..., :1], 3)
     with pytest.raises(ValueError, match="outside 0 .. max_len"):
         lucid.decode_step(q[:, :, :1], k[:, :, :1], k[:, :, :1], c, c, c[..., :1], 9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the static step for CUDA graphs: the length lives on the device; on CPU it runs uncaptured under the interpreter
+
+
+@pytest.mark.parametrize("attn,dtype,ragged", [("lucid", "f64", False), ("lucid", "f32", True),
+                                               ("softmax", "f32", True)],
+                         ids=["lucid-f64", "lucid-f32-ragged", "softmax-f32-ragged"])
+def test_static_decode_step_equals_eager_decode(attn, dtype, ragged):
+    model = trained_model(DTYPES[dtype], attn=attn)
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    lengths = [9, 6] if ragged else None
+    with torch.no_grad():
+        eager = model.generate(idx, max_new_tokens=5, temperature=0, lengths=lengths)
+        static = model.generate(idx, max_new_tokens=5, temperature=0, lengths=lengths, cuda_graph=True)
+        cache = model.new_cache(idx, max_len=16, lengths=lengths)          # the states, not just the tokens
+        model.forward_hidden(idx, cache)
+        step = model.static_decode_step(cache)
+        assert cache.pos is not None
+        logits = torch.stack([step(eager[:, t:t + 1]).clone() for t in range(9, 13)])
+        cache = model.new_cache(idx, max_len=16, lengths=lengths)
+        model.forward_hidden(idx, cache)
+        expected = torch.stack([model.lm_head(model.forward_hidden(eager[:, t:t + 1], cache)[:, -1])
+                                for t in range(9, 13)])
+    assert torch.equal(eager, static)
+    assert_close("static step logits", expected, logits, TOL[DTYPES[dtype]])
