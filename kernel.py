@@ -377,7 +377,9 @@ def _selfcheck(device, dtype=torch.float32, B=1, H=2, N=100, D=32, block_size=32
 # a_j = exp(s·rstd_j·(k̂_t·k_j) − √d) is put into row G of the weight block W, so one product W·V'_tile gives both
 # the G partial attention sums (online softmax) and the partial Σ a_j·v'_j. A second kernel merges the splits,
 # forms v'_t = v_t − Σ a_j·v'_j, and adds the new token's own attention term, which needs v'_t and so only comes
-# after the pass. Everything accumulates in fp32 (fp64 for fp64 input); products use IEEE fp32, not TF32.
+# after the pass. Accumulation is fp32 (fp64 for fp64 input). For a 16-bit cache both products take fp16 operands
+# on the tensor cores (bf16 keys and V' convert to fp16 exactly in their usual range; fp16 rounds k̂_t, the scaled
+# queries, p and a_j to 2⁻¹¹ where bf16 would give 2⁻⁸); an fp32 cache uses IEEE fp32 products, never TF32.
 # With LUCID=False the same kernels are plain softmax flash-decoding (no row G, v'_t = v_t): the softmax baseline.
 # The cache length may live in a device tensor (the grid then covers max_len and programs past it do nothing), so
 # a step can be captured once in a CUDA graph and replayed at every length.
@@ -409,7 +411,7 @@ if triton is not None:
     def _decode_partial_kernel(Q, KT, KC, VC, RC, START, LENGTH, ACC, M, L, length, split_len, Hkv, G, scale, eps,
                                sq_b, sq_h, skt_b, skt_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sr_b, sr_h, sr_n,
                                D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr,
-                               LUCID: tl.constexpr, LENGTH_ON_DEVICE: tl.constexpr):
+                               FP16_DOT: tl.constexpr, LUCID: tl.constexpr, LENGTH_ON_DEVICE: tl.constexpr):
         ACC_T = tl.float64 if F64 else tl.float32
         bh, split = tl.program_id(0), tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -417,7 +419,11 @@ if triton is not None:
         if LENGTH_ON_DEVICE:
             length = tl.load(LENGTH)
         rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
-        is_q, is_g = rows < G, (rows == G) & LUCID
+        is_q = rows < G
+        if LUCID:
+            is_g = rows == G
+        else:
+            is_g = rows < 0
         q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + cols[None, :], mask=is_q[:, None], other=0.0)
         x = tl.where(is_q[:, None], q.to(ACC_T) * (scale * 1.4426950408889634), 0.0)
         if LUCID:
@@ -434,10 +440,13 @@ if triton is not None:
             offs = n0 + tl.arange(0, BLOCK_N)
             valid = (offs < hi) & (offs >= start)
             k = tl.load(KC + b * sk_b + h * sk_h + offs[:, None] * sk_n + cols[None, :], mask=valid[:, None],
-                        other=0.0).to(ACC_T)
+                        other=0.0)
             vp = tl.load(VC + b * sv_b + h * sv_h + offs[:, None] * sv_n + cols[None, :], mask=valid[:, None],
-                         other=0.0).to(ACC_T)
-            sc = tl.dot(x, tl.trans(k), input_precision="ieee")            # (ROWS, BLOCK_N), one read of k_j
+                         other=0.0)
+            if FP16_DOT:                                                    # (ROWS, BLOCK_N), one read of k_j
+                sc = tl.dot(x.to(tl.float16), tl.trans(k.to(tl.float16))).to(ACC_T)
+            else:
+                sc = tl.dot(x, tl.trans(k.to(ACC_T)), input_precision="ieee")
             p_sc = tl.where(is_q[:, None] & valid[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(p_sc, 1))
             alpha = tl.exp2(m - m_new)                                      # 1 on row G: its sum is not rescaled
@@ -448,7 +457,11 @@ if triton is not None:
                 kk = tl.sum(tl.where(is_g[:, None], sc, 0.0), 0)            # k̂_t·k_j, (BLOCK_N,)
                 a = tl.where(valid, tl.exp2((scale * r * kk - 1.0 / scale) * 1.4426950408889634), 0.0)
                 p = tl.where(is_g[:, None], a[None, :], p)                  # row G of W: the E row
-            acc = acc * alpha[:, None] + tl.dot(p.to(ACC_T), vp, input_precision="ieee")   # one read of v'_j
+            if FP16_DOT:                                                    # one read of v'_j
+                pv = tl.dot(p.to(tl.float16), vp.to(tl.float16)).to(ACC_T)
+            else:
+                pv = tl.dot(p.to(ACC_T), vp.to(ACC_T), input_precision="ieee")
+            acc = acc * alpha[:, None] + pv
             m = m_new
         part = bh * n_splits + split
         tl.store(ACC + part * ROWS * D + rows[:, None] * D + cols[None, :], acc)
@@ -463,7 +476,11 @@ if triton is not None:
         bh = tl.program_id(0)
         b, h = bh // Hkv, bh % Hkv
         rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
-        is_q, is_g = rows < G, (rows == G) & LUCID
+        is_q = rows < G
+        if LUCID:
+            is_g = rows == G
+        else:
+            is_g = rows < 0
         q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + cols[None, :], mask=is_q[:, None],
                     other=0.0).to(ACC_T)
         kt = tl.load(KT + b * skt_b + h * skt_h + cols).to(ACC_T)
@@ -529,7 +546,8 @@ def decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, eps=
         q3, kt, k_cache, vp_cache, rc, start, length_ptr, part_acc, part_m, part_l, 0 if on_device else length,
         split_len, Hkv, G, scale, eps, q3.stride(0), q3.stride(1), kt.stride(0), kt.stride(1),
         *k_cache.stride()[:3], *vp_cache.stride()[:3], *rc.stride()[:3],
-        D=D, ROWS=ROWS, BLOCK_N=DECODE_BLOCK_N, F64=f64, LUCID=lucid_solve, LENGTH_ON_DEVICE=on_device)
+        D=D, ROWS=ROWS, BLOCK_N=DECODE_BLOCK_N, F64=f64, FP16_DOT=k_cache.element_size() == 2, LUCID=lucid_solve,
+        LENGTH_ON_DEVICE=on_device)
     o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     vp_t = torch.empty(B, Hkv, D, dtype=v.dtype, device=q.device)
     rstd_t = torch.empty(B, Hkv, dtype=acc_dtype, device=q.device)

@@ -412,7 +412,7 @@ class GPT(nn.Module):
         import kernel
         attn = self.blocks[0].attn
         q = cache.k[0].new_empty(cache.batch_size, attn.n_head, 1, attn.head_dim)           # what a step's q looks like
-        if self.config.attn == "lucid":
+        if attn.attn == "lucid":
             ok = lucid.which_decode_impl(q, cache.k[0], "triton") == "triton"              # warns if not
         else:
             reason = kernel.decode_supports(q, cache.k[0])

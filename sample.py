@@ -27,9 +27,11 @@ def bench_decode(device="cuda"):
     """
     Per-token decode latency of one model with softmax and with LUCID attention (the same weights: LUCID adds no
     parameters), at cache lengths 1K .. 128K, batch 1 and 8, in one process: `python sample.py --bench`, GPU only.
-    The 1B shape: 22 layers, 32 query / 4 KV heads of 64, bf16 weights and cache. The cache is filled with random
+    The 1B shape (TinyLlama's): 22 layers, 32 query / 4 KV heads of 64, bf16 weights and cache. The cache is filled with random
     keys and values (latency does not depend on them) instead of a prefill. A step is the whole model on one new
-    token plus the logits; the attention columns time one layer's attention alone (SDPA vs the LUCID decode step).
+    token plus the logits, run eagerly (softmax: SDPA; LUCID: the fused decode step) and as a CUDA-graph replay
+    (both attentions through the fused kernel, softmax without the solve row). The last columns time one layer's
+    attention alone: SDPA against the LUCID decode step.
     """
     import datetime
     import sys
@@ -44,10 +46,11 @@ def bench_decode(device="cuda"):
 
     torch.manual_seed(0)
     config = GPTConfig(block_size=2048, vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
-                       attn="lucid", pos="rope")
+                       mlp_hidden=5632, attn="lucid", pos="rope")
     model = GPT(config).to(device=device, dtype=torch.bfloat16).eval()
     Hkv, D = config.n_kv_head, config.n_embd // config.n_head
     lengths = [1024 * 2 ** i for i in range(8)]                                             # 1K .. 128K
+    time = lambda fn: do_bench(fn, warmup=50, rep=200)                                      # ms, median
 
     def set_attn(attn):
         for block in model.blocks:
@@ -56,7 +59,8 @@ def bench_decode(device="cuda"):
     print(f"# Decode benchmark: softmax vs LUCID\n\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}, {datetime.date.today()}. {model.num_params() / 1e9:.2f}B parameters "
           f"({config.n_layer} layers, {config.n_head}/{Hkv} heads of {D}), bf16. Times per token in ms.\n")
-    cols = ["B", "cache", "softmax step", "LUCID step", "LUCID/softmax", "softmax attn", "LUCID attn", "attn ratio"]
+    cols = ["B", "cache", "softmax eager", "LUCID eager", "ratio", "softmax graph", "LUCID graph", "ratio",
+            "SDPA 1 layer", "LUCID step 1 layer", "ratio"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for B in (1, 8):
         tok = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -67,24 +71,38 @@ def bench_decode(device="cuda"):
             cache.k[layer] = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
             cache.v[layer] = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
             cache.rstd[layer] = torch.cat([lucid.rms_normalize(k)[1] for k in cache.k[layer].split(1)])
+        cache.last_token = tok[:, 0]
         q = torch.randn(B, config.n_head, 1, D, generator=gen, device=device, dtype=torch.bfloat16)
         k_new, v_new = q[:, :Hkv].contiguous(), q[:, Hkv:2 * Hkv].contiguous()
-        print(f"<!-- LUCID decode step: {lucid.which_decode_impl(q, cache.k[0])} -->", flush=True)
-        for L in lengths:
-            def step():
-                cache.len = L                                                               # every step writes row L
-                return model.lm_head(model.forward_hidden(tok, cache)[:, -1])
-            row = []
-            with torch.no_grad():
-                for attn in ("softmax", "lucid"):
-                    set_attn(attn)
-                    row.append(do_bench(step, warmup=50, rep=200))
-                k, vp, rstd = cache.k[0][:, :, :L], cache.v[0][:, :, :L], cache.rstd[0]
-                row.append(do_bench(lambda: causal_attention(q, k, vp), warmup=50, rep=200))
-                row.append(do_bench(lambda: lucid.decode_step(q, k_new, v_new, cache.k[0], cache.v[0], rstd, L),
-                                    warmup=50, rep=200))
-            print(f"| {B} | {L // 1024}K | {row[0]:.3f} | {row[1]:.3f} | {row[1] / row[0]:.3f} | {row[2]:.4f} | "
-                  f"{row[3]:.4f} | {row[3] / row[2]:.2f} |", flush=True)
+        rows = {L: [] for L in lengths}
+        with torch.no_grad():
+            for attn in ("softmax", "lucid"):                                               # eager steps
+                set_attn(attn)
+                for L in lengths:
+                    def step():
+                        cache.len = L                                                       # every step writes row L
+                        return model.lm_head(model.forward_hidden(tok, cache)[:, -1])
+                    rows[L].append(time(step))
+            for attn in ("softmax", "lucid"):                                               # CUDA-graph steps
+                set_attn(attn)
+                cache.len = lengths[0]
+                replay = model.static_decode_step(cache)                                    # captured once
+                for L in lengths:
+                    def step():
+                        cache.pos.fill_(L)
+                        cache.len = L
+                        return replay(tok)
+                    rows[L].append(time(step) if replay is not None else float("nan"))
+                cache.pos = None                                                            # back to eager steps
+            for L in lengths:                                                               # one layer's attention
+                k, vp = cache.k[0][:, :, :L], cache.v[0][:, :, :L]
+                rows[L].append(time(lambda: causal_attention(q, k, vp)))
+                rows[L].append(time(lambda: lucid.decode_step(q, k_new, v_new, cache.k[0], cache.v[0],
+                                                              cache.rstd[0], L)))
+        print(f"<!-- B={B}: LUCID decode step {lucid.which_decode_impl(q, cache.k[0])} -->")
+        for L, (se, le, sg, lg, sa, la) in rows.items():
+            print(f"| {B} | {L // 1024}K | {se:.3f} | {le:.3f} | {le / se:.3f} | {sg:.3f} | {lg:.3f} | {lg / sg:.3f} "
+                  f"| {sa:.4f} | {la:.4f} | {la / sa:.2f} |", flush=True)
         del cache
         torch.cuda.empty_cache()
 
