@@ -415,7 +415,7 @@ if triton is not None:
         ACC_T = tl.float64 if F64 else tl.float32
         bh, split = tl.program_id(0), tl.program_id(1)
         n_splits = tl.num_programs(1)
-        b, h = bh // Hkv, bh % Hkv
+        b, h = (bh // Hkv).to(tl.int64), bh % Hkv                          # int64: a large cache spans > 2³¹ elements
         if LENGTH_ON_DEVICE:
             length = tl.load(LENGTH)
         rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
@@ -474,7 +474,7 @@ if triton is not None:
                              D: tl.constexpr, ROWS: tl.constexpr, F64: tl.constexpr, LUCID: tl.constexpr):
         ACC_T = tl.float64 if F64 else tl.float32
         bh = tl.program_id(0)
-        b, h = bh // Hkv, bh % Hkv
+        b, h = (bh // Hkv).to(tl.int64), bh % Hkv
         rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
         is_q = rows < G
         if LUCID:

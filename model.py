@@ -410,6 +410,8 @@ class GPT(nn.Module):
         the same step runs uncaptured, which is how the tests check it.
         """
         import kernel
+        if cache.k[0] is None or cache.len == 0:
+            raise ValueError("static_decode_step continues a prompt: run the prompt through forward_hidden first")
         attn = self.blocks[0].attn
         q = cache.k[0].new_empty(cache.batch_size, attn.n_head, 1, attn.head_dim)           # what a step's q looks like
         if attn.attn == "lucid":

@@ -18,6 +18,15 @@ triton = pytest.importorskip("triton")
 import kernel  # noqa: E402
 
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a busy 2-core machine a second intra-op thread makes a small matmul ~300× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -126,13 +135,13 @@ def test_ragged_batch_equals_each_prompt_alone(attn, impl):
     T = max(lengths)
     idx = torch.cat([torch.cat([torch.full((1, T - n), 5), p], dim=1) for p, n in zip(prompts, lengths)])
     with torch.no_grad():
-        ragged = model.generate(idx, max_new_tokens=6, top_k=1, lengths=lengths)
+        ragged = model.generate(idx, max_new_tokens=4, top_k=1, lengths=lengths)
         if attn == "lucid":                                                   # no silent fallback
             assert lucid.which_decode_impl(torch.empty(3, 4, 1, 16, dtype=torch.float64),
                                            torch.empty(3, 2, 8, 16, dtype=torch.float64), impl) == impl
         states = model.prefill_chunked(idx, 5, lengths=torch.tensor(lengths))
         for b, p in enumerate(prompts):
-            alone = model.generate(p, max_new_tokens=6, top_k=1)
+            alone = model.generate(p, max_new_tokens=4, top_k=1)
             assert torch.equal(ragged[b, T - lengths[b]:], alone[0]), b
             assert_close(f"row {b} states", model.forward_hidden(p)[0], states[b, T - lengths[b]:], 1e-10)
 
@@ -193,6 +202,9 @@ def test_decode_step_matches_float64_reference(impl, dtype, kind, D, G, P):
     args = (q.to(dt), k_all[:, :, P:].to(dt), v_all[:, :, P:].to(dt), k_cache, vp_cache, rstd_cache, P, start)
     if impl == "triton":
         o, vp, rstd = kernel.decode_step(*args, split_len=64)                # several splits and a merge
+        on_device = kernel.decode_step(*args[:6], torch.tensor([P]), start, split_len=64)  # grid over max_len
+        for x, y in zip((o, vp, rstd), on_device):
+            assert torch.equal(x, y)
     else:
         o, vp, rstd = lucid.decode_step(*args, impl=impl)
     tol = TOL[dt] if dt == torch.float64 else 1e-5
@@ -295,16 +307,16 @@ def test_static_decode_step_equals_eager_decode(attn, dtype, ragged):
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
     lengths = [9, 6] if ragged else None
     with torch.no_grad():
-        eager = model.generate(idx, max_new_tokens=5, temperature=0, lengths=lengths)
-        static = model.generate(idx, max_new_tokens=5, temperature=0, lengths=lengths, cuda_graph=True)
-        cache = model.new_cache(idx, max_len=16, lengths=lengths)          # the states, not just the tokens
-        model.forward_hidden(idx, cache)
-        step = model.static_decode_step(cache)
-        assert cache.pos is not None
-        logits = torch.stack([step(eager[:, t:t + 1]).clone() for t in range(9, 13)])
-        cache = model.new_cache(idx, max_len=16, lengths=lengths)
-        model.forward_hidden(idx, cache)
-        expected = torch.stack([model.lm_head(model.forward_hidden(eager[:, t:t + 1], cache)[:, -1])
-                                for t in range(9, 13)])
-    assert torch.equal(eager, static)
-    assert_close("static step logits", expected, logits, TOL[DTYPES[dtype]])
+        eager = model.generate(idx, max_new_tokens=4, temperature=0, lengths=lengths)
+        logits = []
+        for static in (False, True):                                          # the same tokens, step by step
+            cache = model.new_cache(idx, max_len=12, lengths=lengths)
+            model.forward_hidden(idx, cache)
+            step = model.static_decode_step(cache) if static else \
+                (lambda tok: model.lm_head(model.forward_hidden(tok, cache)[:, -1]))
+            logits.append(torch.stack([step(eager[:, t:t + 1]).clone() for t in range(9, 12)]))
+        assert cache.pos is not None and cache.len == 12 and int(cache.pos) == 12
+        if attn == "lucid" and ragged:                                        # generate's wiring of the step
+            assert torch.equal(eager, model.generate(idx, max_new_tokens=4, temperature=0, lengths=lengths,
+                                                     cuda_graph=True))
+    assert_close("static step logits", logits[0], logits[1], TOL[DTYPES[dtype]])
