@@ -408,6 +408,18 @@ def decode_supports(q, k_cache):
 if triton is not None:
 
     @triton.jit
+    def _decode_rows(bh, Hkv, G, ROWS: tl.constexpr, LUCID: tl.constexpr):
+        """Batch b and KV head h of program bh, and its row block: row r < G is query head h·G + r, row G is k̂_t."""
+        b, h = (bh // Hkv).to(tl.int64), bh % Hkv                          # int64: a large cache spans > 2³¹ elements
+        rows = tl.arange(0, ROWS)
+        is_q = rows < G
+        if LUCID:
+            is_g = rows == G
+        else:
+            is_g = rows < 0                                                 # softmax: no solve row
+        return b, h, rows, is_q, is_g
+
+    @triton.jit
     def _decode_partial_kernel(Q, KT, KC, VC, RC, START, LENGTH, ACC, M, L, length, split_len, Hkv, G, scale, eps,
                                sq_b, sq_h, skt_b, skt_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sr_b, sr_h, sr_n,
                                D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr,
@@ -415,15 +427,10 @@ if triton is not None:
         ACC_T = tl.float64 if F64 else tl.float32
         bh, split = tl.program_id(0), tl.program_id(1)
         n_splits = tl.num_programs(1)
-        b, h = (bh // Hkv).to(tl.int64), bh % Hkv                          # int64: a large cache spans > 2³¹ elements
+        b, h, rows, is_q, is_g = _decode_rows(bh, Hkv, G, ROWS, LUCID)
+        cols = tl.arange(0, D)
         if LENGTH_ON_DEVICE:
             length = tl.load(LENGTH)
-        rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
-        is_q = rows < G
-        if LUCID:
-            is_g = rows == G
-        else:
-            is_g = rows < 0
         q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + cols[None, :], mask=is_q[:, None], other=0.0)
         x = tl.where(is_q[:, None], q.to(ACC_T) * (scale * 1.4426950408889634), 0.0)
         if LUCID:
@@ -474,13 +481,8 @@ if triton is not None:
                              D: tl.constexpr, ROWS: tl.constexpr, F64: tl.constexpr, LUCID: tl.constexpr):
         ACC_T = tl.float64 if F64 else tl.float32
         bh = tl.program_id(0)
-        b, h = (bh // Hkv).to(tl.int64), bh % Hkv
-        rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
-        is_q = rows < G
-        if LUCID:
-            is_g = rows == G
-        else:
-            is_g = rows < 0
+        b, h, rows, is_q, is_g = _decode_rows(bh, Hkv, G, ROWS, LUCID)
+        cols = tl.arange(0, D)
         q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + cols[None, :], mask=is_q[:, None],
                     other=0.0).to(ACC_T)
         kt = tl.load(KT + b * skt_b + h * skt_h + cols).to(ACC_T)
