@@ -99,9 +99,9 @@ class KVCache:
     solved V', so a new token costs one pass over the cache and earlier rows are never solved again) and, for LUCID,
     rstd_j = (mean(k_j²) + eps)^-1/2 of every cached key, so k̂_j = k_j·rstd_j needs no renormalisation. rstd is
     kept in fp32 (one scalar per key, 4 bytes next to 2·D bytes of bf16 key): it is the same fp32 value the prefill
-    computes, so the decode sees exactly the prefill's k̂; a bf16 rstd (error 2⁻⁹) would move s·k̂_t·k̂_j (up to √d)
-    by ~2% and A_ij by as much. Storing k̂ itself would cost a second read of D values per key in the decode step;
-    with rstd the one read of k_j serves both q·k_j and k̂_t·k_j.
+    computes, so the decode sees exactly the prefill's k̂; a bf16 rstd (relative rounding up to 2⁻⁸) would shift the
+    exponent s·k̂_t·k̂_j (up to √d = 8 at d = 64) by up to 0.03, i.e. A_ij by up to 3%. Storing k̂ itself would cost
+    a second read of D values per key in the decode step; with rstd one read of k_j serves both q·k_j and k̂_t·k_j.
     start (B,), optional: left padding, row b's sequence begins at position start[b] (a ragged batch); positions
     before it are left out of the solve and the attention. Also holds the last token (for the token shift).
     """

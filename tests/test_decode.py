@@ -196,7 +196,8 @@ def test_decode_step_matches_float64_reference(impl, dtype, kind, D, G, P):
     rstd_cache = torch.zeros(B, Hkv, max_len, 1, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     for b in range(B):                                                      # the cache as the prefill leaves it
         k_cache[b, :, :P] = k_all[b, :, :P].to(dt)
-        vp_cache[b, :, start[b]:P] = lucid.precondition_naive(k_all[b:b + 1, :, start[b]:P], v_all[b:b + 1, :, start[b]:P])[0].to(dt)
+        real = slice(int(start[b]), P)
+        vp_cache[b, :, real] = lucid.precondition_naive(k_all[b:b + 1, :, real], v_all[b:b + 1, :, real])[0].to(dt)
         vp_cache[b, :, :start[b]] = torch.randn(Hkv, int(start[b]), D, generator=gen, dtype=dt)  # padding junk
         rstd_cache[b, :, :P] = lucid.rms_normalize(k_all[b, :, :P].to(dt))[1]
     args = (q.to(dt), k_all[:, :, P:].to(dt), v_all[:, :, P:].to(dt), k_cache, vp_cache, rstd_cache, P, start)
