@@ -86,8 +86,10 @@ def causal_attention(q, k, v, start=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if C == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if C == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if C == 1:  # decode: the G query heads of a KV head become G queries of that head (no GQA support needed)
+        B, H, _, D = q.shape
+        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], D), k, v)   # (B, Hkv, G, D)
+        return y.reshape(B, H, 1, D)
     mask = torch.ones(C, S, dtype=torch.bool, device=q.device).tril(diagonal=S - C)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 

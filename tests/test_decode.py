@@ -140,10 +140,15 @@ def test_ragged_batch_equals_each_prompt_alone(attn, impl):
             assert lucid.which_decode_impl(torch.empty(3, 4, 1, 16, dtype=torch.float64),
                                            torch.empty(3, 2, 8, 16, dtype=torch.float64), impl) == impl
         states = model.prefill_chunked(idx, 5, lengths=torch.tensor(lengths))
+        cache = model.new_cache(idx, max_len=T + 3, lengths=lengths)         # prompt, then decode the tokens above
+        decoded = torch.cat([model.forward_hidden(idx, cache)] +
+                            [model.forward_hidden(ragged[:, t:t + 1], cache) for t in range(T, T + 3)], dim=1)
         for b, p in enumerate(prompts):
             alone = model.generate(p, max_new_tokens=4, top_k=1)
             assert torch.equal(ragged[b, T - lengths[b]:], alone[0]), b
-            assert_close(f"row {b} states", model.forward_hidden(p)[0], states[b, T - lengths[b]:], 1e-10)
+            assert_close(f"row {b} prefill", model.forward_hidden(p)[0], states[b, T - lengths[b]:], 1e-10)
+            full = model.forward_hidden(ragged[b:b + 1, T - lengths[b]:T + 3])[0]   # the row alone, no cache
+            assert_close(f"row {b} decode", full, decoded[b, T - lengths[b]:], 1e-10)
 
 
 def test_ragged_padding_content_does_not_matter():
