@@ -259,7 +259,7 @@ def decode_step_torch(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None
             valid = torch.arange(length, device=q.device) >= start.view(B, 1, 1, 1)
         a = preconditioner_entries(kh_t.to(dtype), kh_past).where(valid, 0.0)   # (B, Hkv, 1, P), row t of E
         vp_t = v.to(dtype) - a @ vp_past                                     # v'_t = v_t − Σ_j a_j·v'_j
-        qg = q.to(dtype).view(B, Hkv, H // Hkv, D)                          # the G query heads of each KV head
+        qg = q.to(dtype).reshape(B, Hkv, H // Hkv, D)                        # the G query heads of each KV head
         scores = (s * qg @ keys.transpose(-1, -2)).masked_fill(~valid, float("-inf"))   # (B, Hkv, G, P)
         own = s * (qg * k.to(dtype)).sum(-1, keepdim=True)                  # (B, Hkv, G, 1), the new token itself
         p = torch.cat([scores, own], dim=-1).softmax(-1)
