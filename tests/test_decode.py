@@ -326,3 +326,37 @@ def test_static_decode_step_equals_eager_decode(attn, dtype, ragged):
             assert torch.equal(eager, model.generate(idx, max_new_tokens=4, temperature=0, lengths=lengths,
                                                      cuda_graph=True))
     assert_close("static step logits", logits[0], logits[1], TOL[DTYPES[dtype]])
+
+
+class HostSyncDetector(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that makes the host wait for the device (`.item()`, `int(t)`, `bool(t)`) or that has a
+    data-dependent output shape: either would break CUDA-graph capture of the step."""
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name == "index" else ()                  # x[mask]: its size is known only on the host
+        boolean_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        if name in self.SYNCING or boolean_index:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attn", ["lucid", "softmax"])
+def test_static_decode_step_never_waits_for_the_device(attn):
+    """What a CUDA graph can capture: the step reads the cache length from a device tensor, never from the host."""
+    model = trained_model(torch.float32, attn=attn)
+    idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = model.new_cache(idx, max_len=10, lengths=[7, 5])
+        model.forward_hidden(idx, cache)
+        step = model.static_decode_step(cache)
+        tok = torch.tensor([[3], [4]])
+        step(tok)                                                  # first call: kernel self-checks may sync
+        with HostSyncDetector() as detector:
+            step(tok)
+    assert detector.syncs == [], f"the static step synchronises with the host: {detector.syncs}"
