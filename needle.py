@@ -875,42 +875,45 @@ def write_heatmaps(doc, prefix):
 
 def show_sample(path, models, names, sample, device="cpu"):
     """
-    One figure for one sample: per layer and head (rows), each model's attention from the position that predicts
-    the first queried value over all positions (columns, side by side), the matching needle marked green and the
-    other needle-like pairs grey; for a LUCID model a further column shows, per KV head, the row of L⁻¹ at the
-    matching needle's last token, i.e. how V' there is formed from the values (V' = L⁻¹V).
+    One figure for one sample. Rows: layer and head. Columns: each model's attention from the position that predicts
+    the first queried value, over all positions (the queried needle in green); for a LUCID model also the row of L⁻¹
+    at the queried needle's value, zoomed in: V' there = Σ_j L⁻¹[r, j]·v_j, i.e. how much of each earlier value the
+    preconditioning subtracts (shared by the query heads of one KV head).
     """
     plt = pyplot()
     if plt is None:
         raise ValueError("--show needs matplotlib (pip install matplotlib)")
     idx = torch.from_numpy(sample.tokens)[None].to(device)
-    row = torch.tensor([[int(sample.answers[0][0])]], device=device)
-    target = sample.spans[sample.asked[0]]
+    query, (lo, hi) = int(sample.answers[0][0]), sample.spans[sample.asked[0]]
     cols = []
     for model, name in zip(models, names):
-        probs, inv = attention_probe(model, idx, row, torch.tensor([[int(target[1]) - 1]], device=device))
+        probs, inv = attention_probe(model, idx, torch.tensor([[query]], device=device),
+                                     torch.tensor([[int(hi) - 1]], device=device))
         ok = score_samples(ModelScorer(model), [sample], device)[0][0]
-        cols.append((f"{name} ({model.config.attn}): {'right' if ok else 'wrong'}", [p[0, :, 0] for p in probs]))
+        cols.append((f"{name} ({model.config.attn}, answer {'right' if ok else 'wrong'}): attention of position "
+                     f"{query}", [p[0, :, 0] for p in probs], None))
         if inv:
-            cols.append((f"{name}: row {int(target[1]) - 1} of L⁻¹ (V' there = Σ L⁻¹·V)", [
-                i[0, :, 0].repeat_interleave(model.config.n_head // model.config.n_kv_head, 0) for i in inv]))
+            g = model.config.n_head // model.config.n_kv_head
+            cols.append((f"{name}: row {int(hi) - 1} of L⁻¹ (V' at the needle's value = Σ L⁻¹·V)",
+                         [i[0, :, 0].repeat_interleave(g, 0) for i in inv], (max(0, lo - 64), hi + 2)))
     layers, heads = len(cols[0][1]), cols[0][1][0].shape[0]
-    fig, axes = plt.subplots(layers * heads, len(cols), figsize=(6 * len(cols), 1.8 * layers * heads + 1),
-                             squeeze=False, sharex=True)
-    for c, (title, per_layer) in enumerate(cols):
+    fig, axes = plt.subplots(layers * heads, len(cols), figsize=(6 * len(cols), 1.7 * layers * heads + 1.2),
+                             squeeze=False)
+    for c, (title, per_layer, zoom) in enumerate(cols):
         for layer in range(layers):
             for h in range(heads):
                 ax = axes[layer * heads + h, c]
-                for lo, hi in sample.spans:
-                    ax.axvspan(lo - 0.5, hi - 0.5, color="0.85", lw=0)
-                ax.axvspan(target[0] - 0.5, target[1] - 0.5, color="#0CD79F", alpha=0.6, lw=0)
-                ax.plot(per_layer[layer][h].cpu().numpy(), color="k", lw=0.8)
+                ax.axvspan(lo - 0.5, hi - 0.5, color="#0CD79F", alpha=0.5, lw=2)
+                y = per_layer[layer][h].cpu().numpy()
+                ax.plot(np.arange(zoom[0], zoom[1]) if zoom else np.arange(len(y)), y[slice(*zoom) if zoom else
+                                                                                          slice(None)], "k", lw=0.8)
                 ax.set_ylabel(f"layer {layer} head {h}", fontsize=8)
-                if layer == h == 0:
-                    ax.set_title(title, fontsize=9)
-        axes[-1, c].set_xlabel("position (green: the queried needle, grey: other needle-like pairs)")
-    fig.suptitle(f"one sample, {len(sample.tokens)} tokens: attention from the query position "
-                 f"{int(sample.answers[0][0])}", fontsize=10)
+                ax.tick_params(labelsize=7)
+        axes[0, c].set_title(title, fontsize=9)
+        axes[-1, c].set_xlabel("position (zoomed in)" if zoom else "position")
+    n_pairs = len(sample.spans)
+    fig.suptitle(f"one sample: {len(sample.tokens)} tokens, the queried needle at {lo}..{hi - 1} (green), "
+                 f"{n_pairs - 1} other needle-like pairs; y: weight", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
