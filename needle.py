@@ -1,28 +1,19 @@
 """
 Synthetic needle retrieval: the training data of this repo and its long-context evaluation.
 
-* Token task (no tokenizer): a haystack with n needles `k v` (a key token, then its value token), then queries
-  `Q k v`: the model must produce the value that followed key k. Filler, keys and values come from disjoint id ranges
+Token task: a haystack with n needles `k v` (a key token, then its value token), then queries `Q k v`; the model must
+produce the value that followed k. Ids: 0..7 reserved (PAD = 0, QUERY = 1), then filler (half the rest), keys and
+values (a quarter each). Haystacks: `needle` (default: distractor `k v` pairs whose keys are never asked), `random`
+filler, a `repeat`ed period. Only `needle` has no shortcut: elsewhere a model that ignores the key and copies the
+first value it saw is right with one needle, so every cell reports that key-blind copier's accuracy on its own
+samples beside uniform chance. Text task: the same through a tiktoken encoder, needle sentences in prose.
 
-    ids  0..7          reserved: PAD = 0, QUERY = 1
-    F    next half     filler
-    K    next quarter  keys
-    W    last quarter  values            e.g. vocab 128: F = 8..67, K = 68..97, W = 98..127
-
-  Haystacks: `needle` (the default: distractor `k v` pairs with keys never asked, RULER's multikey_2), `random`
-  filler, or a `repeat`ed period. Only `needle` has no shortcut: on the other two a model that ignores the key and
-  copies the first value it saw scores 100% with one needle. Every table therefore prints that key-blind copier's
-  accuracy, measured on the same samples, beside uniform chance.
-* Text task: RULER-style prompts through a tiktoken encoder (or any object with encode / decode / n_vocab).
-
-Each sample has its own generator, seeded by (seed, domain, task, length, needles, index, and what else shapes that
-sample), so batch size, order and the other cells never change it. Domains: 0 training, 1 this file's command line,
-2 train.py's validation. Scoring is teacher-forced exact match: one forward over prompt + gold answer, logits only
-at the answer positions; a queried value is right iff the argmax is the gold token at each of its positions (this
-equals greedy decoding's first tokens). Per cell: Wilson 95% interval (n = samples), the copier and chance, and an
-attention probe ("hit": the attention mass that the best head puts, at the query, on the matching needle). Two
-checkpoints are compared on identical samples, with the sample as the unit: a sample is right iff all its queried
-values are; McNemar's exact test on discordant samples, Δ = difference of those per-sample rates, bootstrap over samples.
+A sample's generator is keyed by (seed, domain, task, length, needles, index) and what else shapes that sample, so
+batch size, order and other cells never change it; domains: 0 training, 1 this command line, 2 train.py's validation.
+Scoring is teacher-forced exact match (one forward over prompt + gold answer, logits only at the answer positions;
+it equals greedy decoding's first tokens), with a Wilson interval per cell (n = samples). `--vs` compares two models
+on identical samples with the sample as the unit (right iff all its queried values are): McNemar's exact test on the
+discordant samples, Δ of the per-sample rates with a bootstrap interval over samples.
 
     python needle.py --ckpt out-tiny/ckpt.pt --vs out-tiny-softmax/ckpt.pt --out tiny.json
     python needle.py --ckpt out-tiny/ckpt.pt --vs out-tiny-softmax/ckpt.pt --show tiny.png --lengths 512 --needles 4
@@ -39,14 +30,13 @@ import sys
 import time
 import uuid
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 NEEDLE_VERSION = 2          # bump when the samples drawn for existing arguments change
-PAD, QUERY = 0, 1
-N_RESERVED = 8
+PAD, QUERY, N_RESERVED = 0, 1, 8
 TRAIN, EVAL, VALID = 0, 1, 2    # seed domains: training batches, needle.py's command line, train.py's validation
 IGNORE = -100               # target of positions that are not scored
 VARIANTS = ("single", "multikey", "multivalue")
@@ -55,7 +45,7 @@ REPEAT_PERIOD = (20, 25)    # the `repeat` haystack's period, about the length o
 
 
 class DoesNotFit(ValueError):
-    """The needles and queries asked for do not fit the sample (the cell is skipped, not an error)."""
+    """The needles and queries asked for do not fit the sample: the cell is skipped, not an error."""
 
 
 @dataclass
@@ -65,9 +55,9 @@ class Sample:
     targets: np.ndarray     # (T,) the token to predict at position p (the next token), IGNORE where not scored
     answers: list           # per queried value: the positions whose predictions must all be right
     depths: np.ndarray      # per queried value: depth in % of its needle (multivalue: the pinned or first one)
-    copier: list            # per queried value: would a key-blind copier be right (see `copier` in the docstring)
-    spans: np.ndarray = field(default=None)   # (N, 2) [start, end) of every needle-like pair, in order of appearance
-    asked: list = field(default=None)         # per queried value: the row of `spans` of its (first) needle
+    copier: list            # per queried value: is the key-blind copier right (query g -> the g-th pair's value)
+    spans: np.ndarray = None    # (N, 2) [start, end) of every needle-like pair or sentence, in order of appearance
+    asked: list = None          # per queried value: the row of `spans` of the needle of its first answer token
 
 # -----------------------------------------------------------------------------
 # token task
@@ -89,14 +79,13 @@ def chance_accuracy(vocab_size, n_values=1):
 
 
 def sample_rng(seed, domain, task, length, n_needles, index, *extra):
-    """The generator of one sample. Strings are hashed with crc32 (hash() is salted per process); `extra` holds what
-    else shapes this sample (variant, queries, pinned depth), and nothing that does not."""
+    """The generator of one sample; strings are hashed with crc32 (hash() is salted per process)."""
     extra = [zlib.crc32(x.encode()) if isinstance(x, str) else int(x) for x in extra]
     return np.random.default_rng([seed, domain, zlib.crc32(task.encode()), length, n_needles, index] + extra)
 
 
-def token_capacity_error(length, n_needles, vocab_size, variant="multikey", n_queries=1, haystack="random"):
-    """Why these needles cannot fit a token sample (a sentence), or None if they fit."""
+def capacity_error(length, n_needles, vocab_size, variant="multikey", n_queries=1, haystack="random"):
+    """Why these needles cannot fit a token sample (a sentence), or None."""
     lay = vocab_layout(vocab_size)
     n_k, n_w = lay["keys"][1] - lay["keys"][0], lay["values"][1] - lay["values"][0]
     if variant not in VARIANTS:
@@ -113,15 +102,18 @@ def token_capacity_error(length, n_needles, vocab_size, variant="multikey", n_qu
     room = length - suffix
     if 2 * n_needles > room - (room % 2 if haystack == "needle" else 0):
         return f"{n_needles} needles and {n_queries} queries do not fit in length {length}"
-    return None
+
+
+def check(reason):
+    if reason:
+        raise (ValueError if reason.startswith("unknown") else DoesNotFit)(reason)
 
 
 def place_needles(rng, haystack_len, n, unit=1, depth=None):
     """
-    Sorted starts of n non-overlapping 2-token needles in [0, haystack_len) on a grid of `unit` tokens, and the
-    index of the pinned needle (None if depth is None). Unpinned: sorted gaps over the free slots (every arrangement
-    equally likely). Pinned: the other n − 1 are placed first, then the pinned one is inserted at the requested depth
-    (the nearer side of a needle it would split), so it starts within ±1 token of depth% · (haystack_len − 2).
+    Sorted starts of n non-overlapping 2-token needles in [0, haystack_len) on a grid of `unit` tokens (sorted gaps:
+    every arrangement equally likely), and the index of the pinned needle: with `depth` the other n − 1 are placed
+    first and the pinned one is inserted within ±1 token of depth% · (haystack_len − 2).
     """
     slots, width = haystack_len // unit, 2 // unit
     if depth is None:
@@ -140,16 +132,11 @@ def place_needles(rng, haystack_len, n, unit=1, depth=None):
 
 def make_token_sample(rng, length, n_needles, vocab_size, variant="multikey", haystack="random", n_queries=1,
                       depth=None):
-    """
-    One token sample of exactly `length` tokens: `[haystack with needles] [Q k v] ...` (multivalue: one
-    `[Q k v1 .. vm]` block, values in order of appearance). `depth` (%) pins the first queried needle. The key-blind
-    copier answers query g with the g-th needle-like pair's value (multivalue: the first m pairs' values).
-    """
+    """One token sample: `[haystack with needles] [Q k v] ...` (multivalue: one `[Q k v1 .. vm]`, values in order of
+    appearance). `depth` (%) pins the first queried needle."""
     if haystack not in TOKEN_HAYSTACKS:
         raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
-    reason = token_capacity_error(length, n_needles, vocab_size, variant, n_queries, haystack)
-    if reason:
-        raise (ValueError if reason.startswith("unknown") else DoesNotFit)(reason)
+    check(capacity_error(length, n_needles, vocab_size, variant, n_queries, haystack))
     lay = vocab_layout(vocab_size)
     multivalue = variant == "multivalue"
     hay_len = length - (2 + n_needles if multivalue else 3 * n_queries)
@@ -202,12 +189,11 @@ def make_sample(rng, length, n_needles, n_queries, vocab_size):
 def make_batch(seed, first_index, batch_size, length, vocab_size, domain=TRAIN, task="multikey",
                n_needles=None, needle_cap=32, query_cap=8):
     """
-    Training samples first_index .. first_index+batch_size-1 as (idx, targets), LongTensors (B, length). Each
-    draws its needle count uniformly from 1..min(needle_cap, length/16) and asks min(n, query_cap) of them (a fixed
-    n_needles asks one). The random haystack: learning to bind keys is easier there; evaluation uses distractors.
+    Training samples first_index .. +batch_size as (idx, targets), LongTensors (B, length), on the random haystack
+    (binding keys is learned there; evaluation has distractors). Each draws its needle count from
+    1..min(needle_cap, length/16) and asks min(n, query_cap) of them (a fixed n_needles asks one).
     """
-    idx = np.empty((batch_size, length), dtype=np.int64)
-    targets = np.empty((batch_size, length), dtype=np.int64)
+    idx, targets = np.empty((2, batch_size, length), dtype=np.int64)
     lay = vocab_layout(vocab_size)
     most = min(lay["keys"][1] - lay["keys"][0], (length - 3) // 2)
     for b in range(batch_size):
@@ -225,16 +211,14 @@ def curriculum_length(it, max_iters, min_len, max_len):
 
 
 class TokenTask:
-    """The token task as an evaluation generator (the same interface as TextTask)."""
+    """The token task as an evaluation generator (the interface of TextTask)."""
 
     def __init__(self, vocab_size, haystack="needle"):
         if haystack not in TOKEN_HAYSTACKS:
             raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
         vocab_layout(vocab_size)
         self.vocab_size, self.haystack, self.key = vocab_size, haystack, f"token/{haystack}"
-
-    def describe(self):
-        return {"task": "token", "haystack": self.haystack, "vocab_size": self.vocab_size, "tokenizer": None}
+        self.describe = {"task": "token", "haystack": haystack, "vocab_size": vocab_size, "tokenizer": None}
 
     def sample(self, rng, length, n_needles, variant, n_queries, depth=None):
         return make_token_sample(rng, length, n_needles, self.vocab_size, variant, self.haystack, n_queries, depth)
@@ -243,34 +227,26 @@ class TokenTask:
         return chance_accuracy(self.vocab_size, n_needles if variant == "multivalue" else 1)
 
 # -----------------------------------------------------------------------------
-# text task (RULER-style prompts through a tokenizer)
+# text task: needle sentences in prose, through a tokenizer
 
 TEXT_HAYSTACKS = ("needle", "essay", "noise")
 TEXT_KINDS = ("words", "numbers", "uuids")   # what keys and values are made of
-TEMPLATES = ("completion", "ruler")
-ADJECTIVES = """able active amber ancient angry bitter blank bold brave brief bright broad calm careful cheap clever
-cold common crisp curious damp dark deep dense distant dry eager early empty equal exact faint fast fierce final firm
-flat formal fresh frozen gentle giant glad golden grand green heavy hidden hollow honest humble icy idle keen kind
-large late lazy light little lively loud loyal lucky lunar magic major mild minor misty modern narrow neat noble odd
-open orange pale plain polite proud quick quiet rapid rare""".split()
-NOUNS = """anchor apple arrow badge basket beacon bell boat bottle bridge brook cabin camel candle canyon castle cedar
-chair cloud comet copper coral crane crystal desert dolphin dragon drum eagle engine falcon feather fence forest fossil
-garden glacier glove harbor hammer harp helmet island jacket jungle kettle kite ladder lantern lemon lizard marble
-meadow mirror monkey mountain needle oasis ocean orchard otter owl paddle parrot pebble pepper piano pillow planet
-pocket pond puzzle rabbit raven ribbon river rocket saddle salmon shadow shell statue temple tiger tower tulip valley
-violin walnut whale willow window""".split()
+WORDS = """able amber ancient bitter bold brave bright calm cheap clever cold crisp curious dark deep distant dry eager
+early empty exact fast fierce flat fresh frozen gentle giant golden green heavy hidden hollow honest icy keen kind large
+lazy light little loud lucky lunar magic mild misty modern narrow noble odd orange pale plain proud quick quiet rapid
+rare|anchor apple arrow badge basket beacon bell boat bridge cabin camel candle canyon castle cedar cloud comet copper
+coral crane desert dolphin dragon drum eagle engine falcon feather forest fossil garden glacier harbor hammer harp
+island jacket kettle kite ladder lantern lemon lizard marble meadow mirror monkey ocean orchard otter owl parrot pebble
+piano planet pond rabbit raven river rocket saddle salmon shadow shell statue temple tiger tower tulip valley violin
+whale willow""".split("|")
+ADJECTIVES, NOUNS = WORDS[0].split(), WORDS[1].split()
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-ESSAY = (("Most founders", "Good programmers", "The best startups", "Investors", "Early users", "Small teams",
-          "Big companies", "Good writers", "Young hackers"),          # a small grammar standing in for PG's essays
-         ("underestimate", "learn a lot from", "tend to ignore", "care deeply about", "depend on", "slowly build",
-          "rarely change", "try to avoid", "eventually notice"),
-         ("how long things take", "what users actually want", "the problems nobody talks about", "the cost of waiting",
-          "a few early customers", "new kinds of software", "ideas that seem bad at first", "their own assumptions"),
-         ("", " in the beginning", " more than they admit", " when money is tight", " most of the time", " for years"))
-RULER_TEMPLATE = ("Some special magic {type} are hidden within the following text. Make sure to memorize it. I will "
-                  "quiz you about the {type} afterwards.\n{context}\nWhat are all the special magic {type} for {query} "
-                  "mentioned in the provided text? The special magic {type} for {query} mentioned in the provided "
-                  "text are")
+ESSAY = [p.split("|") for p in (          # a small grammar standing in for Paul Graham's essays (RULER's haystack)
+    "Most founders|Good programmers|The best startups|Investors|Early users|Small teams|Big companies|Young hackers",
+    "underestimate|learn a lot from|tend to ignore|care deeply about|depend on|slowly build|rarely change|notice",
+    "how long things take|what users want|the problems nobody mentions|the cost of waiting|a few early customers|"
+    "new kinds of software|ideas that seem bad at first|their own assumptions",
+    "| in the beginning| more than they admit| when money is tight| most of the time| for years")]
 
 
 def byte_encoding():
@@ -295,38 +271,34 @@ def load_encoder(name):
 
 class TextTask:
     """
-    RULER-style retrieval in text: `intro + context + question + answer`, exactly `length` tokens of `enc`, built
-    from id lists (each haystack sentence encoded once as " " + sentence, needle sentences at sentence boundaries,
-    the answer = ids of " " + value). Every piece starts where GPT-2's pre-tokenizer cuts anyway (a space-prefixed
-    word, a newline, punctuation), so the ids equal the encoding of the text; the tests check the round trip.
+    `context + question + answer`, exactly `length` tokens of `enc`, from id lists: haystack sentences encoded once
+    as " " + sentence, needle sentences "The secret code for <key> is <value>." at sentence boundaries, queries
+    "\nThe secret code for <key> is" and the answer " <value>". Every piece starts where GPT-2's pre-tokenizer cuts
+    anyway (a space-prefixed word, a newline, punctuation), so the ids equal the encoding of the text (tested).
     """
 
-    def __init__(self, enc, haystack="needle", keys="words", values="numbers", template="completion",
-                 haystack_file=None):
+    def __init__(self, enc, haystack="needle", keys="words", values="numbers", haystack_file=None):
         for name, value, allowed in (("haystack", haystack, TEXT_HAYSTACKS), ("keys", keys, TEXT_KINDS),
-                                     ("values", values, TEXT_KINDS), ("template", template, TEMPLATES)):
+                                     ("values", values, TEXT_KINDS)):
             if value not in allowed:
                 raise ValueError(f"unknown text {name} {value!r}; choose from {allowed}")
         if not all(hasattr(enc, a) for a in ("encode", "decode", "n_vocab")):
             raise ValueError("the encoder needs encode, decode and n_vocab")
-        self.enc, self.haystack, self.keys, self.values, self.template = enc, haystack, keys, values, template
-        self.pool, self._ids = {"noise": list(NOISE), "needle": None}.get(haystack), {}
-        if haystack == "essay":
-            rng = np.random.default_rng(zlib.crc32(b"essay pool"))     # the same pool in every run
-            self.pool = ["{} {} {}{}.".format(*(p[rng.integers(len(p))] for p in ESSAY)) for _ in range(2000)]
+        self.enc, self.haystack, self.keys, self.values, self._ids = enc, haystack, keys, values, {}
+        rng = np.random.default_rng(zlib.crc32(b"essay pool"))         # the same essay in every run
+        self.pool = {"noise": list(NOISE), "needle": None, "essay": [
+            "{} {} {}{}.".format(*(p[rng.integers(len(p))] for p in ESSAY)) for _ in range(2000)]}[haystack]
         if haystack_file is not None:
             with open(haystack_file, encoding="utf-8") as f:
                 self.pool = [s for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", f.read()).strip()) if s]
             if not self.pool:
                 raise ValueError(f"--haystack_file {haystack_file!r} has no sentences")
             self.haystack = "file:" + hashlib.sha256("\n".join(self.pool).encode()).hexdigest()[:12]
-        self.name = getattr(enc, "name", type(enc).__name__)
-        self.key = f"text/{self.name}/{self.haystack}/{keys}/{values}/{template}"
+        name = getattr(enc, "name", type(enc).__name__)
+        self.key = f"text/{name}/{self.haystack}/{keys}/{values}"
+        self.describe = {"task": "text", "haystack": self.haystack, "vocab_size": enc.n_vocab, "tokenizer": name,
+                         "keys": keys, "values": values}
         self.spacer = next((s for s in (" the", " and", " a") if len(enc.encode(s)) == 1), " the")
-
-    def describe(self):
-        return {"task": "text", "haystack": self.haystack, "vocab_size": self.enc.n_vocab, "tokenizer": self.name,
-                "template": self.template, "keys": self.keys, "values": self.values}
 
     def chance(self, variant, n_needles):
         return 0.0                                  # a 7-digit number or a uuid is not guessed
@@ -340,89 +312,54 @@ class TextTask:
 
     def draw(self, rng, kind, n, exclude=()):
         """n distinct random keys or values of a kind, none in `exclude`."""
-        out, seen = [], set(exclude)
+        out = []
         while len(out) < n:
             if kind == "words":
-                i = int(rng.integers(len(ADJECTIVES) * len(NOUNS)))
-                item = f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}"
-            elif kind == "numbers":
-                item = str(int(rng.integers(1_000_000, 10_000_000)))
+                item = f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}"
             else:
-                item = str(uuid.UUID(bytes=rng.bytes(16), version=4))
-            if item not in seen:
-                seen.add(item)
+                item = str(int(rng.integers(10 ** 6, 10 ** 7))) if kind == "numbers" else str(
+                    uuid.UUID(bytes=rng.bytes(16), version=4))
+            if item not in out and item not in exclude:
                 out.append(item)
         return out
 
-    def needle_text(self, key, value):
-        if self.template == "ruler":
-            return f"One of the special magic {self.values} for {key} is: {value}."
-        return f"The secret code for {key} is {value}."
-
-    def prompt_parts(self, asked_keys, answers, multivalue):
-        """(intro, [(text, group)]): the text before the context and the pieces after it; group g marks (part of)
-        the gold answer of queried value g, None prompt text."""
-        if self.template == "ruler":
-            kind = self.values
-            if len(answers) == 1 and ", " not in answers[0]:            # RULER's singular form: one key, one value
-                kind, template = kind[:-1], RULER_TEMPLATE.replace("Some", "A").replace("are all", "is").replace(
-                    "are", "is")
-            else:
-                template = RULER_TEMPLATE
-            keys = asked_keys[0] if len(asked_keys) == 1 else ", ".join(asked_keys[:-1]) + ", and " + asked_keys[-1]
-            intro, question = template.format(type=kind, query=keys, context="\0").split("\0")
-            pieces = [(question, None)]
-            for g, answer in enumerate(answers):
-                pieces += ([(",", None)] if g else []) + [(" " + answer, g)]
-            return intro, pieces
-        if multivalue:
-            n = len(answers[0].split(", "))
-            return "", [(f"\nThe {n} secret codes for {asked_keys[0]}, in order, are", None), (" " + answers[0], 0)]
-        pieces = []
-        for g, (key, answer) in enumerate(zip(asked_keys, answers)):
-            pieces += [(("." if g else "") + f"\nThe secret code for {key} is", None), (" " + answer, g)]
-        return "", pieces
-
     def haystack_ids(self, rng, budget, exclude_keys):
         """[(ids, value or None)] of whole haystack sentences, total at most budget, and the tokens left over."""
-        out, total = [], 0
-        start = 0 if self.haystack == "noise" else int(rng.integers(len(self.pool) if self.pool else 1))
+        out, total, start = [], 0, int(rng.integers(len(self.pool))) if self.pool else 0
         for i in range(budget + 1):
             value = None
             if self.pool is None:                   # a distractor needle, with a key that is never asked
-                key, = self.draw(rng, self.keys, 1, exclude_keys)
-                value, = self.draw(rng, self.values, 1)
-                ids = self.encode(" " + self.needle_text(key, value), cache=False)
-            elif self.haystack == "essay":
-                ids = self.encode(" " + self.pool[int(rng.integers(len(self.pool)))])
-            else:                                   # noise and files: consecutive sentences, as in a document
-                ids = self.encode(" " + self.pool[(start + i) % len(self.pool)])
+                key, value = self.draw(rng, self.keys, 1, exclude_keys)[0], self.draw(rng, self.values, 1)[0]
+                ids = self.encode(f" The secret code for {key} is {value}.", cache=False)
+            else:                                   # essay: random sentences; noise, files: consecutive ones
+                j = rng.integers(len(self.pool)) if self.haystack == "essay" else (start + i) % len(self.pool)
+                ids = self.encode(" " + self.pool[j])
             if total + len(ids) > budget:
-                break
+                return out, budget - total
             out.append((ids, value))
             total += len(ids)
-        return out, budget - total
 
     def sample(self, rng, length, n_needles, variant, n_queries, depth=None):
-        reason = token_capacity_error(10 ** 9, n_needles, 10 ** 9, variant, n_queries)
-        if reason:
-            raise (ValueError if reason.startswith("unknown") else DoesNotFit)(reason)
+        check(capacity_error(10 ** 9, n_needles, 10 ** 9, variant, n_queries))
         multivalue = variant == "multivalue"
         keys = self.draw(rng, self.keys, 1 if multivalue else n_needles)
         values = self.draw(rng, self.values, n_needles)
         asked = [0] if multivalue else [int(a) for a in rng.choice(n_needles, size=n_queries, replace=False)]
-        needle_ids = [self.encode(" " + self.needle_text(k, v), cache=False)
+        needle_ids = [self.encode(f" The secret code for {k} is {v}.", cache=False)
                       for k, v in zip(keys * n_needles if multivalue else keys, values)]
 
-        def parts(order):   # the multivalue answer follows the order of appearance; its length does not
-            answers = [", ".join(values[i] for i in order)] if multivalue else [values[i] for i in asked]
-            return self.prompt_parts([keys[i] for i in asked], answers, multivalue), answers
-        (intro, pieces), _ = parts(range(n_needles))
-        intro_ids = self.encode(intro)
-        budget = (length - len(intro_ids) - sum(len(self.encode(t, g is None)) for t, g in pieces)
-                  - sum(map(len, needle_ids)))
+        def question(order):    # [(text, g)]: g = the queried value that a piece is the gold answer of, else None
+            if multivalue:      # the values in order of appearance (the length does not depend on the order)
+                answers = [", ".join(values[i] for i in order)]
+                return answers, [(f"\nThe {n_needles} secret codes for {keys[0]}, in order, are", None),
+                                 (" " + answers[0], 0)]
+            answers = [values[i] for i in asked]
+            return answers, [p for g, i in enumerate(asked) for p in (
+                (("." if g else "") + f"\nThe secret code for {keys[i]} is", None), (" " + values[i], g))]
+        budget = length - sum(len(self.encode(t, g is None)) for t, g in question(range(n_needles))[1]) - sum(
+            map(len, needle_ids))
         if budget < 0:
-            raise DoesNotFit(f"{n_needles} needles and the question do not fit in {length} tokens of {self.name}")
+            raise DoesNotFit(f"{n_needles} needles and the question do not fit in {length} tokens")
         sentences, left = self.haystack_ids(rng, budget, set(keys))
         one = self.encode(self.spacer)              # a 1-token word repeated; a byte-level encoder cuts the text
         context = one * left if len(one) == 1 else self.encode(self.spacer * left)[:left]
@@ -444,9 +381,8 @@ class TextTask:
                     spans.append((len(context), len(context) + len(ids)))
                     shown.append(value)
                 context += ids
-        (intro, pieces), answers = parts(order)
-        tokens, targets = list(intro_ids) + context, np.full(length, IGNORE, dtype=np.int64)
-        positions = [[] for _ in answers]
+        answers, pieces = question(order)
+        tokens, targets, positions = list(context), np.full(length, IGNORE, dtype=np.int64), [[] for _ in answers]
         for text, g in pieces:
             ids = self.encode(text, g is None)
             if g is not None:                       # the token at s + k is predicted at position s + k − 1
@@ -454,13 +390,12 @@ class TextTask:
                 targets[len(tokens) - 1:len(tokens) - 1 + len(ids)] = ids
             tokens += ids
         assert len(tokens) == length, (len(tokens), length)
-        first = [order[0] if depth is None else asked[0]] if multivalue else asked
-        depths = [100.0 * spans[row[i]][0] / max(1, len(context) - len(needle_ids[i])) for i in first]
-        first = [order[0]] if multivalue else asked     # the needle of the first answer token, for the probe
+        shown_first = [order[0] if depth is None else asked[0]] if multivalue else asked
+        depths = [100.0 * spans[row[i]][0] / max(1, len(context) - len(needle_ids[i])) for i in shown_first]
         copy = [", ".join(shown[:n_needles])] if multivalue else [shown[g % len(shown)] for g in range(len(answers))]
         return Sample(np.array(tokens, dtype=np.int64), targets, [np.array(p, dtype=np.int64) for p in positions],
-                      np.array(depths), [c == a for c, a in zip(copy, answers)],
-                      np.array(spans, dtype=np.int64).reshape(-1, 2) + len(intro_ids), [row[i] for i in first])
+                      np.array(depths), [c == a for c, a in zip(copy, answers)], np.array(spans).reshape(-1, 2),
+                      [row[i] for i in ([order[0]] if multivalue else asked)])
 
 # -----------------------------------------------------------------------------
 # scoring: teacher-forced exact match, logits only at the answer positions
@@ -527,16 +462,18 @@ def score_with_backoff(score_fn, samples, state, device="cpu"):
     return out
 
 # -----------------------------------------------------------------------------
-# attention probe: what the query attends to, recomputed from q, k captured with forward hooks (model.py unchanged)
+# attention probe: the query's attention, recomputed from the attention modules' inputs (forward hooks)
 
 
 @torch.no_grad()
 def attention_probe(model, idx, rows, lucid_rows=None):
     """
-    Per layer: the attention probabilities (B, H, R, T) of query positions rows (B, R), softmax(q·k/√d) with the
-    causal mask, recomputed from the attention modules' inputs. For LUCID they weight V' = L⁻¹V, so with lucid_rows
-    (B, R') it also returns, per layer, those rows of L⁻¹ (B, Hkv, R', T): how V' at that position mixes the values.
+    Per layer, the attention probabilities (B, H, R, T) of the query positions rows (B, R): softmax(q·k/√d), causal,
+    with q, k recomputed from what each attention module received. For LUCID they weight V' = L⁻¹V; with lucid_rows
+    (B, R') it also returns, per LUCID layer, those rows of L⁻¹ (B, Hkv, R', T).
     """
+    import lucid
+    from model import apply_rope
     inputs = []
     hooks = [b.attn.register_forward_hook(lambda m, args, out: inputs.append(args)) for b in model.blocks]
     try:
@@ -544,8 +481,6 @@ def attention_probe(model, idx, rows, lucid_rows=None):
     finally:
         for h in hooks:
             h.remove()
-    import lucid
-    from model import apply_rope
     probs, inverse = [], []
     for block, (x, rope, *_) in zip(model.blocks, inputs):
         a, (B, T, _) = block.attn, x.shape
@@ -555,8 +490,7 @@ def attention_probe(model, idx, rows, lucid_rows=None):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = torch.gather(q, 2, rows[:, None, :, None].expand(-1, a.n_head, -1, a.head_dim))   # (B, H, R, D)
         s = q.float() @ k.float().repeat_interleave(a.n_head // a.n_kv_head, 1).transpose(-1, -2) / a.head_dim ** 0.5
-        s = s.masked_fill(torch.arange(T, device=x.device) > rows[:, None, :, None], float("-inf"))
-        probs.append(s.softmax(-1))                                                          # (B, H, R, T)
+        probs.append(s.masked_fill(torch.arange(T, device=x.device) > rows[:, None, :, None], -math.inf).softmax(-1))
         if lucid_rows is not None and a.attn == "lucid":
             kh, _ = lucid.rms_normalize(k.double())
             L = lucid._unit_lower(lucid.preconditioner_entries(kh, kh))                    # (B, Hkv, T, T)
@@ -566,10 +500,8 @@ def attention_probe(model, idx, rows, lucid_rows=None):
 
 
 def probe_masses(model, samples, device="cpu"):
-    """
-    Per sample: (mass on the matching needle, mean mass per other needle-like pair), each (layers, heads): the
-    attention that the position predicting the first queried value puts on those spans' tokens.
-    """
+    """Per sample, each (layers, heads): the attention mass that the position predicting the first queried value
+    puts on the tokens of the matching needle, and the mean mass per other needle-like pair."""
     idx = torch.from_numpy(np.stack([s.tokens for s in samples])).to(device)
     rows = torch.tensor([[int(s.answers[0][0])] for s in samples], device=device)
     probs = torch.stack([p[:, :, 0] for p in attention_probe(model, idx, rows)], 1).cpu().numpy()  # (B, L, H, T)
@@ -582,7 +514,7 @@ def probe_masses(model, samples, device="cpu"):
 
 
 def probe_summary(masses):
-    """The head with the largest mean mass on the matching needle: its mean mass ("hit") and per-distractor mass."""
+    """The head with the largest mean mass on the matching needle: that mass ("hit") and its mass per distractor."""
     hit, other = np.mean([m for m, _ in masses], 0), np.mean([o for _, o in masses], 0)
     layer, head = np.unravel_index(np.argmax(hit), hit.shape)
     return {"n": len(masses), "hit": float(hit[layer, head]), "distractor": float(other[layer, head]),
@@ -609,22 +541,20 @@ def mcnemar_exact(b, c):
 
 def paired_stats(a, b, n_boot=2000, seed=0):
     """
-    Model A against model B on the same samples, with the sample as the unit for the test and the interval alike: a
-    sample is right iff all its queried values are. Δ = (b − c)/n over discordant counts b (only A right) and c (only
-    B right), its 95% percentile interval from resampling samples, McNemar's exact test on b, c.
+    A against B on the same samples, the sample as the unit of test and interval alike (right iff all its values
+    are): Δ = (b − c)/n with b (c) the samples only A (only B) gets right, its 95% percentile interval resampling
+    samples, McNemar's exact test on b, c.
     """
-    ok_a, ok_b = np.array([all(x) for x in a], float), np.array([all(y) for y in b], float)
-    d = ok_a - ok_b
-    only_a, only_b = int((d > 0).sum()), int((d < 0).sum())
+    d = np.array([all(x) for x in a], float) - np.array([all(y) for y in b], float)
+    b, c = int((d > 0).sum()), int((d < 0).sum())
     means = d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    return {"delta": float(d.mean()), "delta_ci95": [float(np.percentile(means, 2.5)),
-                                                     float(np.percentile(means, 97.5))],
-            "discordant": [only_a, only_b], "mcnemar_p": mcnemar_exact(only_a, only_b)}
+    return {"delta": float(d.mean()), "delta_ci95": [float(np.percentile(means, q)) for q in (2.5, 97.5)],
+            "discordant": [b, c], "mcnemar_p": mcnemar_exact(b, c)}
 
 
 def cell_stats(correct, copier):
-    """acc over queried values with its Wilson interval (n = samples: a sample's queries are correlated), the
-    fraction of samples with every value right, and the key-blind copier's accuracy on the same values."""
+    """acc over queried values, its Wilson interval (n = samples: a sample's queries are correlated), the fraction
+    of samples with every value right, and the key-blind copier's accuracy on the same values."""
     n, n_values = len(correct), sum(len(c) for c in correct)
     acc = sum(map(sum, correct)) / max(1, n_values)
     return {"n_samples": n, "n_values": n_values, "acc": acc, "ci95": list(wilson(acc, n)),
@@ -657,82 +587,70 @@ class EvalSpec:
     def n_queries(self, n_needles):
         return 1 if self.variant == "multivalue" else min(n_needles, self.queries)
 
-    def depth(self, index):
-        return self.depths[index % len(self.depths)] if self.depths else None
-
 
 def cell_sample(task, spec, length, n_needles, index):
     """Sample `index` of a cell; its generator's key holds only what changes this sample."""
-    q, depth = spec.n_queries(n_needles), spec.depth(index)
+    q, depth = spec.n_queries(n_needles), spec.depths[index % len(spec.depths)] if spec.depths else None
     rng = sample_rng(spec.seed, spec.domain, task.key, length, n_needles, index, spec.variant, q,
                      0 if depth is None else 1 + round(depth * 1000))
     return task.sample(rng, length, n_needles, spec.variant, q, depth)
 
 
 def model_id(model, info=None):
-    """The identity of a model for the resume hash: a sha256 of its weights' bytes, its attention and iteration."""
+    """A model's identity for the resume hash: sha256 of its weights' bytes, its attention and iteration."""
     h = hashlib.sha256(f"{model.config.attn}:{(info or {}).get('iter_num')}".encode())
     for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def cell_hash(task, spec, length, n_needles, ids=(), probe=0):
     """What makes a finished cell reusable on restart: the data, the cell, the models (by content), the probe."""
-    text = json.dumps({"version": NEEDLE_VERSION, "task": task.describe(), "spec": asdict(spec), "length": length,
-                       "needles": n_needles, "models": list(ids), "probe": probe}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = {"version": NEEDLE_VERSION, "task": task.describe, "spec": asdict(spec), "length": length,
+           "needles": n_needles, "models": list(ids), "probe": probe}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu", ids=(), probe=0):
     """
-    One (length, needles) cell for one score_fn, or a list of them (all on identical samples; the first is the
-    model, a second is compared with it). Samples are drawn and scored in batches of max(1, budget // length).
-    Returns its record; a cell whose needles do not fit has acc None and a skipped_reason.
+    One (length, needles) cell for one score_fn or a list (all on identical samples; a second is compared with the
+    first). Samples are drawn and scored in batches of max(1, budget // length); `probe` samples are probed per
+    score_fn that has a .model. A cell whose needles do not fit has acc None and a skipped_reason.
     """
     fns = score_fns if isinstance(score_fns, (list, tuple)) else [score_fns]
-    q = spec.n_queries(n_needles)
-    rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length, "num_needles": n_needles,
-           "n_samples": 0, "acc": None, "copier": None, "chance": task.chance(spec.variant, n_needles),
-           "skipped_reason": None, "seconds": 0.0}
+    rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length,
+           "num_needles": n_needles, "acc": None, "chance": task.chance(spec.variant, n_needles),
+           "skipped_reason": None}
     t0, states = time.time(), [{"batch": max(1, min(spec.samples, budget // length)), "chunked": False} for _ in fns]
     for fn, state in zip(fns, states):
         state["chunked"] = bool(getattr(fn, "chunked", lambda T: False)(length))
-    results, copier, depths, probes = [[] for _ in fns], [], [], [[] for _ in fns]
-    fingerprint = hashlib.sha256()
+    results, probes, copier, depths, fingerprint = [[] for _ in fns], [[] for _ in fns], [], [], hashlib.sha256()
     for first in range(0, spec.samples, states[0]["batch"]):
         try:
             batch = [cell_sample(task, spec, length, n_needles, i)
                      for i in range(first, min(spec.samples, first + states[0]["batch"]))]
         except DoesNotFit as e:
-            rec["skipped_reason"] = str(e)
-            return rec
+            return {**rec, "skipped_reason": str(e)}
         for s in batch:
             fingerprint.update(s.tokens.tobytes() + s.targets.tobytes())
             copier.append(s.copier)
-            depths.append(s.depths)
+            depths += list(s.depths)
         for r, fn, state, pr in zip(results, fns, states, probes):
             r += score_with_backoff(fn, batch, state, device)
             if len(pr) < probe and hasattr(fn, "model"):
                 pr += probe_masses(fn.model, batch[:probe - len(pr)], device)
-    bins = np.array([float(d) for d in spec.depths] or [float(d) for d in range(0, 101, 10)])
-    hist = {float(b): [0, 0] for b in bins}
-    for ds, correct in zip(depths, results[0]):
-        for d, c in zip(ds, correct):
-            hist[float(bins[np.argmin(np.abs(bins - d))])][0] += 1
-            hist[float(bins[np.argmin(np.abs(bins - d))])][1] += int(c)
-    rec.update(cell_stats(results[0], copier), n_queries=q, seconds=round(time.time() - t0, 3),
-               batch=states[0]["batch"], chunked=states[0]["chunked"], fingerprint=fingerprint.hexdigest(),
-               depth_hist=[[b, n, c] for b, (n, c) in hist.items() if n])
+    bins = np.array(spec.depths or range(0, 101, 10), dtype=float)       # each queried value in its nearest bin
+    where = bins[np.abs(np.array(depths)[:, None] - bins).argmin(1)]
+    right = np.concatenate([np.array(c, bool) for c in results[0]])
+    rec.update(cell_stats(results[0], copier), n_queries=spec.n_queries(n_needles), batch=states[0]["batch"],
+               chunked=states[0]["chunked"], seconds=round(time.time() - t0, 3), fingerprint=fingerprint.hexdigest(),
+               depth_hist=[[b, int((where == b).sum()), int(right[where == b].sum())] for b in bins if (where == b).any()])
     if probes[0]:
         rec["probe"] = probe_summary(probes[0])
     if len(fns) > 1:
         other = cell_stats(results[1], copier)
-        rec["vs"] = {"acc": other["acc"], "ci95": other["ci95"], "all_correct": other["all_correct"],
-                     "batch": states[1]["batch"], **paired_stats(results[0], results[1])}
-        if probes[1]:
-            rec["vs"]["probe"] = probe_summary(probes[1])
+        rec["vs"] = {**{k: other[k] for k in ("acc", "ci95", "all_correct")}, **paired_stats(results[0], results[1]),
+                     "batch": states[1]["batch"], **({"probe": probe_summary(probes[1])} if probes[1] else {})}
     return rec
 
 
@@ -740,13 +658,13 @@ def run_grid(score_fns, task, spec, lengths, needle_counts, out=None, ids=(), me
              device="cpu", probe=0, log=print):
     """
     Every (length, needles) cell, short to long; returns the result document. With `out` the JSON is rewritten after
-    every cell (temporary file + rename, always valid), and cells whose hash an existing `out` holds are reused.
+    every cell (temporary file + rename: always valid), and cells whose hash an existing `out` holds are reused.
     """
     started, done = time.time(), {}
     if out and os.path.exists(out):
         with open(out) as f:
             done = {c["hash"]: c for c in json.load(f).get("cells", [])}
-    doc = {"meta": {**(meta or {}), **task.describe(), "needle_version": NEEDLE_VERSION, "variant": spec.variant,
+    doc = {"meta": {**(meta or {}), **task.describe, "needle_version": NEEDLE_VERSION, "variant": spec.variant,
                     "queries": spec.queries, "seed": spec.seed, "domain": spec.domain, "samples": spec.samples,
                     "metric": "teacher-forced exact match", "numpy": np.__version__, "torch": torch.__version__,
                     "started": datetime.datetime.now().isoformat(timespec="seconds")},
@@ -754,40 +672,33 @@ def run_grid(score_fns, task, spec, lengths, needle_counts, out=None, ids=(), me
            "cells": []}
     grid = [(L, n) for L in sorted(lengths) for n in sorted(needle_counts)]
     for k, (length, n) in enumerate(grid):
+        rec = done.get(cell_hash(task, spec, length, n, ids, probe)) or run_cell(score_fns, task, spec, length, n,
+                                                                                 budget, device, ids, probe)
         label = f"[{k + 1}/{len(grid)}] length {length_label(length)} needles {n}"
-        h = cell_hash(task, spec, length, n, ids, probe)
-        rec = done.get(h) or run_cell(score_fns, task, spec, length, n, budget, device, ids, probe)
-        if h in done:
+        if rec["hash"] in done:
             log(f"{label}: done before, reused")
         elif rec["skipped_reason"]:
             log(f"{label}: skipped ({rec['skipped_reason']})")
         else:
-            line = (f"{label}: acc {100 * rec['acc']:.1f} [{100 * rec['ci95'][0]:.1f}, {100 * rec['ci95'][1]:.1f}]"
-                    f" copier {100 * rec['copier']:.1f}")
-            if "probe" in rec:
-                line += f" hit {rec['probe']['hit']:.2f}"
-            if "vs" in rec:
-                v = rec["vs"]
-                line += (f" | vs {100 * v['acc']:.1f}, Δ {100 * v['delta']:+.1f} [{100 * v['delta_ci95'][0]:+.1f}, "
-                         f"{100 * v['delta_ci95'][1]:+.1f}] p {v['mcnemar_p']:.3g}")
-            log(f"{line} | batch {rec['batch']}{' chunked' if rec['chunked'] else ''} | {rec['seconds']:.1f}s")
+            v, lo, hi = rec.get("vs"), *rec["ci95"]
+            log(f"{label}: acc {100 * rec['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] copier {100 * rec['copier']:.1f}"
+                + (f" hit {rec['probe']['hit']:.2f}" if "probe" in rec else "")
+                + (f" | vs {100 * v['acc']:.1f}, Δ {100 * v['delta']:+.1f} p {v['mcnemar_p']:.3g}" if v else "")
+                + f" | batch {rec['batch']}{' chunked' if rec['chunked'] else ''} | {rec['seconds']:.1f}s")
         doc["cells"].append(rec)
-        finish(doc, started)
+        doc["depth_cells"] = [{"length": c["length"], "num_needles": c["num_needles"], "depth_bin": b, "n": m,
+                               "acc": r / m} for c in doc["cells"] for b, m, r in c.get("depth_hist", [])]
+        prints = "".join(c.get("fingerprint") or "" for c in doc["cells"])
+        doc["data_fingerprint"] = hashlib.sha256(prints.encode()).hexdigest() if prints else None
+        doc["meta"]["wall_s"] = round(time.time() - started, 3)
         if out:
-            write_json(out, doc)
+            with open(f"{out}.tmp", "w") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(f"{out}.tmp", out)
     return doc
 
-
-def finish(doc, started):
-    """Recompute the derived keys: depth_cells, data_fingerprint, wall_s."""
-    doc["depth_cells"] = [{"length": c["length"], "num_needles": c["num_needles"], "depth_bin": b, "n": n,
-                           "acc": k / n} for c in doc["cells"] for b, n, k in c.get("depth_hist", [])]
-    prints = "".join(c.get("fingerprint") or "" for c in doc["cells"])
-    doc["data_fingerprint"] = hashlib.sha256(prints.encode()).hexdigest() if prints else None
-    doc["meta"]["wall_s"] = round(time.time() - started, 3)
-
 # -----------------------------------------------------------------------------
-# outputs: tables, JSON, heatmaps, the --show figure
+# outputs: tables, heatmaps, the --show figure
 
 
 def length_label(length):
@@ -805,14 +716,13 @@ def parse_length(text):
 
 def format_table(results, lengths, needle_counts, threshold=0.9, key="acc"):
     """
-    Rows needle counts, columns lengths, cells in % (— if skipped), each row ending with its effective length (the
-    largest L with acc >= threshold at every length <= L). results maps (length, needles) to an accuracy, None, or
-    a cell record, from which `key` is shown: "acc", "copier", "all_correct", or "vs" (the second model's acc).
+    Rows needle counts, columns lengths, cells in % (— if skipped), rows ending with the effective length (the
+    largest L with value >= threshold at every length <= L). results maps (length, needles) to a number, None, or
+    a cell record, from which `key` ("acc", "copier", ...) or key(record) is shown.
     """
     def value(r):
-        if isinstance(r, dict):
-            r = (r.get("vs") or {}).get("acc") if key == "vs" else r.get(key)
-        return r
+        return (key(r) if callable(key) else r.get(key)) if isinstance(r, dict) and r["acc"] is not None else \
+            None if isinstance(r, dict) else r
     lines = ["needles | " + " | ".join(f"{length_label(L):>6}" for L in lengths) + f" | eff@{threshold:g}"]
     for n in needle_counts:
         cells = [value(results.get((L, n))) for L in lengths]
@@ -823,15 +733,8 @@ def format_table(results, lengths, needle_counts, threshold=0.9, key="acc"):
     return "\n".join(lines)
 
 
-def write_json(path, doc):
-    """Write through a temporary file and rename, so the file on disk is always a complete JSON document."""
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(f"{path}.tmp", path)
-
-
 def pyplot():
-    """matplotlib.pyplot with the Agg backend, or None if matplotlib is not installed (it is optional)."""
+    """matplotlib.pyplot with the Agg backend, or None without matplotlib (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -844,13 +747,9 @@ def pyplot():
 def write_heatmaps(doc, prefix):
     """One depth × length PNG per needle count (gkamradt's layout: red-yellow-green, 0..1, depth 0 at the top), each
     cell annotated with its accuracy and number of scored values. The paths written; none without matplotlib."""
-    plt, paths = pyplot(), []
-    if plt is None:
-        return paths
-    from matplotlib.colors import LinearSegmentedColormap
-    cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
-    meta = doc["meta"]
-    for n in sorted({d["num_needles"] for d in doc["depth_cells"]}):
+    plt, paths, meta = pyplot(), [], doc["meta"]
+    for n in sorted({d["num_needles"] for d in doc["depth_cells"]}) if plt else []:
+        from matplotlib.colors import LinearSegmentedColormap
         cells = [d for d in doc["depth_cells"] if d["num_needles"] == n]
         lengths, bins = sorted({d["length"] for d in cells}), sorted({d["depth_bin"] for d in cells})
         grid = np.full((len(bins), len(lengths)), np.nan)
@@ -859,13 +758,13 @@ def write_heatmaps(doc, prefix):
             i, j = bins.index(d["depth_bin"]), lengths.index(d["length"])
             grid[i, j] = d["acc"]
             ax.text(j, i, f"{100 * d['acc']:.0f}%\nn={d['n']}", ha="center", va="center", fontsize=8)
-        im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
+        fig.colorbar(ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto"), ax=ax, label="Score")
         ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths], rotation=45)
         ax.set_yticks(range(len(bins)), [f"{b:g}" for b in bins])
         ax.set(xlabel="context length (tokens)", ylabel="depth of the queried needle (%)",
                title=f"{meta.get('task')} {meta.get('variant')}, {meta.get('haystack')} haystack, {n} needles "
                      "(teacher-forced exact match; n = values scored per depth bin)")
-        fig.colorbar(im, ax=ax, label="Score")
         fig.tight_layout()
         paths.append(f"{prefix}_{meta.get('task')}_{meta.get('variant')}_n{n}.png")
         fig.savefig(paths[-1])
@@ -902,18 +801,16 @@ def show_sample(path, models, names, sample, device="cpu"):
     for c, (title, per_layer, zoom) in enumerate(cols):
         for layer in range(layers):
             for h in range(heads):
-                ax = axes[layer * heads + h, c]
+                ax, y = axes[layer * heads + h, c], per_layer[layer][h].cpu().numpy()
                 ax.axvspan(lo - 0.5, hi - 0.5, color="#0CD79F", alpha=0.5, lw=2)
-                y = per_layer[layer][h].cpu().numpy()
-                ax.plot(np.arange(zoom[0], zoom[1]) if zoom else np.arange(len(y)), y[slice(*zoom) if zoom else
-                                                                                          slice(None)], "k", lw=0.8)
+                x = np.arange(*zoom) if zoom else np.arange(len(y))
+                ax.plot(x, y[x], "k", lw=0.8)
                 ax.set_ylabel(f"layer {layer} head {h}", fontsize=8)
                 ax.tick_params(labelsize=7)
         axes[0, c].set_title(title, fontsize=9)
         axes[-1, c].set_xlabel("position (zoomed in)" if zoom else "position")
-    n_pairs = len(sample.spans)
     fig.suptitle(f"one sample: {len(sample.tokens)} tokens, the queried needle at {lo}..{hi - 1} (green), "
-                 f"{n_pairs - 1} other needle-like pairs; y: weight", fontsize=10)
+                 f"{len(sample.spans) - 1} other needle-like pairs; y: weight", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -929,71 +826,51 @@ PRESETS = {     # the paper's MNIAH (Fig. 4): 2-10 needles, one query, 500 sampl
 DEFAULTS = {"variant": "multikey", "needles": [1, 4, 16], "samples": 100, "queries": 1, "lengths": [128, 512, 2048]}
 
 
-def _list(kind, convert):
-    def parse(text):
+def typed(kind, convert, ok, many=False):
+    """An argparse type: convert(text), which must satisfy ok(value); many = a comma-separated list of them."""
+    def one(text):
         try:
-            items = [convert(x) for x in text.split(",") if x.strip()]
+            value = convert(text)
         except (ValueError, argparse.ArgumentTypeError) as e:
-            raise argparse.ArgumentTypeError(f"invalid {kind} list {text!r}: {e}") from None
-        if not items:
-            raise argparse.ArgumentTypeError(f"empty {kind} list {text!r}")
-        return items
-    return parse
-
-
-def _int(low):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}")
+            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: {e}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}")
         return value
-    return parse
-
-
-def _depth(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"depth {text!r} is not a number") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"depth {text!r} is outside 0..100")
-    return value
+    return (lambda text: [one(x) for x in text.split(",")]) if many else one
 
 
 def build_parser():
-    d = DEFAULTS
-    p = argparse.ArgumentParser(description="Needle retrieval accuracy of checkpoints (teacher-forced exact match), "
-                                "with the key-blind copier and chance beside it, and an attention probe.")
-    p.add_argument("--ckpt", required=True, help="ckpt.pt written by train.py")
-    p.add_argument("--vs", help="a second checkpoint, evaluated on identical samples (paired comparison)")
-    p.add_argument("--attn", choices=("softmax", "lucid"), help="run --ckpt with this attention instead of its own")
-    p.add_argument("--task", choices=("token", "text"), default="token", help="token ids, or text through a tokenizer")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="lucid_mniah: 2-10 needles, 500 samples, 2K-8K")
-    p.add_argument("--variant", choices=VARIANTS, help=f"what is asked (default {d['variant']})")
-    p.add_argument("--queries", type=_int(1), help="queries per sample (default 1; more = packed multiquery)")
-    p.add_argument("--haystack", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)} "
-                                      "(default needle: distractor needles, no copy shortcut)")
-    p.add_argument("--lengths", type=_list("length", parse_length),
-                   help="default 128,512,2K (CPU-sized; the GPU runs use e.g. 1K,...,128K)")
-    p.add_argument("--needles", type=_list("needle", _int(1)), help="needle counts (default 1,4,16)")
-    p.add_argument("--samples", type=_int(1), help=f"samples per cell (default {d['samples']}; ±5 points needs ~400)")
-    p.add_argument("--depths", type=_list("depth", _depth), help="pin the queried needle's depth %%, e.g. 0,50,100")
-    p.add_argument("--seed", type=_int(0), default=0, help="seed of the samples (domain 1: never trained on)")
-    p.add_argument("--probe", type=_int(0), default=16, help="samples per cell for the attention probe (0 = off)")
-    p.add_argument("--template", choices=TEMPLATES, help="text: prompt wording (default completion)")
-    p.add_argument("--keys", choices=TEXT_KINDS, help="text: what keys are (default words)")
-    p.add_argument("--values", choices=TEXT_KINDS, help="text: what values are (default numbers)")
-    p.add_argument("--tokenizer", help="text: tiktoken encoding (default gpt2; 'bytes' = byte-level, offline)")
-    p.add_argument("--haystack_file", help="text: plain text to cut the haystack from")
-    p.add_argument("--out", help="JSON results, rewritten after every cell; an existing file resumes; heatmaps beside")
-    p.add_argument("--show", help="write one figure (PNG) of the attention on one sample instead of evaluating")
-    p.add_argument("--budget", type=parse_length, help="tokens per batch (default 256K softmax, 128K LUCID)")
-    p.add_argument("--chunk_threshold", type=parse_length, default=16384, help="chunked prefill above this length")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="autocast on CUDA (default bfloat16); CPU fp32")
+    p = argparse.ArgumentParser(description="Needle retrieval accuracy of checkpoints (teacher-forced exact match) "
+                                "beside the key-blind copier and chance, with an attention probe.")
+    count = typed("count (an integer >= 1)", int, lambda v: v >= 1)
+    add = p.add_argument
+    add("--ckpt", required=True, help="ckpt.pt written by train.py")
+    add("--vs", help="a second checkpoint, evaluated on identical samples (paired comparison)")
+    add("--attn", choices=("softmax", "lucid"), help="run --ckpt with this attention instead of its own")
+    add("--task", choices=("token", "text"), default="token", help="token ids (default), or text through a tokenizer")
+    add("--preset", choices=sorted(PRESETS), help="lucid_mniah: 2-10 needles, 500 samples, 2K-8K")
+    add("--variant", choices=VARIANTS, help="what is asked (default multikey)")
+    add("--queries", type=count, help="queries per sample (default 1; more = packed, RULER's multiquery)")
+    add("--haystack", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)} (default needle: "
+                           "distractor needles, no copy shortcut)")
+    add("--lengths", type=typed("length", parse_length, bool, True), help="default 128,512,2K (CPU-sized; GPU: 1K-128K)")
+    add("--needles", type=typed("needle count", int, lambda v: v >= 1, True), help="needle counts (default 1,4,16)")
+    add("--samples", type=count, help="samples per cell (default 100; ±5 points needs about 400)")
+    add("--depths", type=typed("depth", float, lambda v: 0 <= v <= 100, True), help="pin the queried needle's depth "
+        "%%, cycled over a cell's samples, e.g. 0,50,100 (default uniform)")
+    add("--seed", type=typed("seed (an integer >= 0)", int, lambda v: v >= 0), default=0, help="seed of the samples")
+    add("--probe", type=typed("probe count", int, lambda v: v >= 0), default=16,
+        help="samples per cell whose attention is probed (default 16; 0 = off)")
+    add("--keys", choices=TEXT_KINDS, help="text: what keys are (default words)")
+    add("--values", choices=TEXT_KINDS, help="text: what values are (default numbers)")
+    add("--tokenizer", help="text: tiktoken encoding (default gpt2; 'bytes' = byte-level, offline)")
+    add("--haystack_file", help="text: plain text to take the haystack sentences from")
+    add("--out", help="JSON results, rewritten after every cell (a rerun resumes), heatmaps beside it")
+    add("--show", help="instead of evaluating, write a PNG of the attention on one sample (first length and needles)")
+    add("--budget", type=parse_length, help="tokens per batch (default 256K softmax, 128K LUCID)")
+    add("--chunk_threshold", type=parse_length, default=16384, help="chunked prefill above this length (default 16K)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    add("--dtype", choices=("bfloat16", "float32"), help="autocast on CUDA (default bfloat16); CPU runs float32")
     return p
 
 
@@ -1007,27 +884,17 @@ def resolve_args(parser, args):
         if user_needles and args.needles != [1]:
             parser.error(f"--variant single has exactly 1 needle, got --needles {args.needles}")
         args.needles = [1]
-    allowed = TOKEN_HAYSTACKS if args.task == "token" else TEXT_HAYSTACKS
-    args.haystack = args.haystack or "needle"
+    allowed, args.haystack = TOKEN_HAYSTACKS if args.task == "token" else TEXT_HAYSTACKS, args.haystack or "needle"
     if args.haystack not in allowed:
         parser.error(f"--haystack {args.haystack!r} is not a {args.task} haystack; choose from {allowed}")
-    text_only = ("template", "keys", "values", "tokenizer", "haystack_file")
-    if args.task == "token" and any(getattr(args, n) is not None for n in text_only):
-        parser.error("--" + next(n for n in text_only if getattr(args, n) is not None) + " applies to --task text")
+    for name in ("keys", "values", "tokenizer", "haystack_file"):
+        if args.task == "token" and getattr(args, name) is not None:
+            parser.error(f"--{name} applies to --task text")
     if args.haystack_file and not os.path.isfile(args.haystack_file):
         parser.error(f"--haystack_file {args.haystack_file!r} does not exist")
     if "cuda" in args.device and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    if args.out and os.path.isdir(args.out):
-        parser.error(f"--out {args.out!r} is a directory")
     return args
-
-
-def model_meta(path, model, info):
-    cfg = model.config
-    return {"ckpt": os.path.abspath(path), "id": model_id(model, info), "iter_num": info.get("iter_num"),
-            "n_params": model.num_params(), "attention": cfg.attn, "pos_enc": cfg.pos, "token_shift": cfg.token_shift,
-            "train_len": cfg.block_size, "vocab_size": cfg.vocab_size}
 
 
 def main(argv=None):
@@ -1035,66 +902,58 @@ def main(argv=None):
     args = resolve_args(parser, parser.parse_args(argv))
     from model import load_model
     try:                                            # a missing or truncated checkpoint: one line, no traceback
-        models = [load_model(args.ckpt, args.device, args.attn)] + ([load_model(args.vs, args.device)] if args.vs
-                                                                    else [])
+        names = [args.ckpt] + ([args.vs] if args.vs else [])
+        models = [load_model(n, args.device, args.attn if i == 0 else None) for i, n in enumerate(names)]
         vocab = models[0][0].config.vocab_size
-        if any(m.config.vocab_size != vocab for m, _ in models):
+        if models[-1][0].config.vocab_size != vocab:
             raise ValueError(f"--vs has vocab_size {models[-1][0].config.vocab_size}, --ckpt has {vocab}")
         if args.task == "token":
             task = TokenTask(vocab, args.haystack)
         else:
             enc = load_encoder(args.tokenizer or "gpt2")
             if enc.n_vocab > vocab:
-                raise ValueError(f"tokenizer {args.tokenizer!r} has {enc.n_vocab} ids, the model only {vocab}")
-            task = TextTask(enc, args.haystack, args.keys or "words", args.values or "numbers",
-                            args.template or "completion", args.haystack_file)
+                raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model only {vocab}")
+            task = TextTask(enc, args.haystack, args.keys or "words", args.values or "numbers", args.haystack_file)
+        spec = EvalSpec(args.variant, args.queries, tuple(args.depths or ()), args.samples, args.seed)
+        if args.show:
+            sample = cell_sample(task, spec, args.lengths[0], args.needles[0], 0)
+            return print(f"wrote {show_sample(args.show, [m for m, _ in models], names, sample, args.device)}")
     except ValueError as e:
         sys.exit(f"needle.py: {e}")
-    spec = EvalSpec(args.variant, args.queries, tuple(args.depths or ()), args.samples, args.seed)
-    names = [args.ckpt] + ([args.vs] if args.vs else [])
-    if args.show:
-        s = cell_sample(task, spec, args.lengths[0], args.needles[0], 0)
-        try:
-            print(f"wrote {show_sample(args.show, [m for m, _ in models], names, s, args.device)}")
-        except ValueError as e:
-            sys.exit(f"needle.py: {e}")
-        return None
     dtype = (args.dtype or "bfloat16") if "cuda" in args.device else "float32"
     scorers = [ModelScorer(m, args.chunk_threshold, autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
                for m, _ in models]
     budget = args.budget or (128 if any(m.config.attn == "lucid" for m, _ in models) else 256) * 1024
-    metas = [model_meta(n, m, info) for n, (m, info) in zip(names, models)]
+    metas = [{"ckpt": os.path.abspath(n), "id": model_id(m, info), "iter_num": info.get("iter_num"),
+              "n_params": m.num_params(), "attention": m.config.attn, "pos_enc": m.config.pos,
+              "train_len": m.config.block_size} for n, (m, info) in zip(names, models)]
     meta = {"model": metas[0], "vs_model": metas[1] if args.vs else None, "dtype": dtype, "device": args.device,
             "budget": budget, "command": sys.argv[1:] if argv is None else list(argv)}
-    what = " vs ".join(f"{m['attention']}" for m in metas)
     print(f"{args.task} {args.variant}, {args.haystack} haystack, {spec.queries} queries per sample, {args.samples} "
-          f"samples per cell, {what}, {args.device} {dtype}")
+          f"samples per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}")
     doc = run_grid(scorers, task, spec, args.lengths, args.needles, args.out, [m["id"] for m in metas], meta, budget,
                    args.device, args.probe)
-    results = {(c["length"], c["num_needles"]): c for c in doc["cells"]}
-    L, N = sorted(args.lengths), sorted(args.needles)
+    results, L, N = {(c["length"], c["num_needles"]): c for c in doc["cells"]}, sorted(args.lengths), sorted(args.needles)
     chance = ", ".join(sorted({f"{100 * c['chance']:.2g}%" for c in doc["cells"]}))
-    print(f"\nteacher-forced exact match, % ({args.samples} samples per cell, {args.haystack} haystack); uniform chance "
-          f"{chance}\n\nkey-blind copier (ignores the key, copies the first needle-like values it saw):")
-    print(format_table(results, L, N, key="copier"))
-    for name, key, meta_ in zip(names, ("acc", "vs"), metas):
-        print(f"\n{name} ({meta_['attention']}):\n{format_table(results, L, N, key=key)}")
+    tables = [("key-blind copier (ignores the key, copies the first needle-like values it saw)", "copier")]
+    tables += [(f"{n} ({m['attention']})", ("acc", lambda c: c["vs"]["acc"])[i]) for i, (n, m) in enumerate(zip(names, metas))]
     if args.probe:
-        print(f"\nattention hit (mass of the best head at the query on the matching needle; {args.probe} samples):")
-        for name, key in zip(names, ("probe", "vs")):
-            hit = {k: ((c.get(key) or {}).get("probe") if key == "vs" else c.get("probe")) for k, c in results.items()}
-            print(f"{name}: " + ", ".join(f"{length_label(Lk)}/{n}: {h['hit']:.2f} (per distractor "
-                                          f"{h['distractor']:.3f})" for (Lk, n), h in sorted(hit.items()) if h))
+        tables += [(f"attention hit of {n}, % (the best head's mass on the matching needle, {args.probe} samples)",
+                    (lambda c: c["probe"]["hit"], lambda c: c["vs"]["probe"]["hit"])[i]) for i, n in enumerate(names)]
+    print(f"\nteacher-forced exact match, % ({args.samples} samples per cell, {args.haystack} haystack); uniform chance "
+          f"{chance}")
+    for title, key in tables:
+        print(f"\n{title}:\n{format_table(results, L, N, key=key)}")
     if args.vs:
         print("\nΔ = first − second, points, per sample (right iff all its values are); 95% bootstrap CI; McNemar p:")
-        for (Lk, n), c in sorted(results.items()):
+        for (length, n), c in sorted(results.items()):
             if "vs" in c:
-                v = c["vs"]
-                print(f"  {length_label(Lk):>5} {n:>3} needles: Δ {100 * v['delta']:+6.1f} [{100 * v['delta_ci95'][0]:+.1f}"
-                      f", {100 * v['delta_ci95'][1]:+.1f}]  discordant {v['discordant']}  p {v['mcnemar_p']:.3g}")
+                v, (lo, hi) = c["vs"], c["vs"]["delta_ci95"]
+                print(f"  {length_label(length):>5} {n:>3} needles: Δ {100 * v['delta']:+6.1f} [{100 * lo:+.1f}, "
+                      f"{100 * hi:+.1f}]  discordant {v['discordant']}  p {v['mcnemar_p']:.3g}")
+    for path in write_heatmaps(doc, os.path.splitext(args.out)[0]) if args.out else []:
+        print(f"wrote {path}")
     if args.out:
-        for path in write_heatmaps(doc, os.path.splitext(args.out)[0]):
-            print(f"wrote {path}")
         print(f"wrote {args.out} (data fingerprint {str(doc['data_fingerprint'])[:16]})")
     return doc
 

@@ -144,7 +144,7 @@ def needle_eval(model, c, ctx, encoder=None):
                    for L in lengths for n in c["eval_needles"]]
     model.train()
     copier = [r["copier"] for r in records if r["copier"] is not None]
-    print(f"needle validation ({task.describe()['haystack']} haystack): key-blind copier "
+    print(f"needle validation ({task.describe['haystack']} haystack): key-blind copier "
           f"{100 * sum(copier) / max(1, len(copier)):.1f}% on the same samples")
     return {(r["length"], r["num_needles"]): r["acc"] for r in records}, lengths
 

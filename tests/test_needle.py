@@ -579,16 +579,15 @@ def enc():
     return needle.byte_encoding()
 
 
-TEXT_CASES = [(t, v, q) for t in needle.TEMPLATES for v, q in (("single", 1), ("multikey", 1), ("multivalue", 1),
-                                                                 ("multikey", 2))]
-NEEDLE_RE = {"completion": r"The secret code for (\S+) is (\S+)\.", "ruler": r"for (\S+) is: (\S+)\."}
+TEXT_CASES = [("single", 1), ("multikey", 1), ("multivalue", 1), ("multikey", 2)]
+NEEDLE_RE = r"The secret code for (\S+) is (\S+)\."
 
 
-@pytest.mark.parametrize("template,variant,q", TEXT_CASES, ids=[f"{t}-{v}-q{q}" for t, v, q in TEXT_CASES])
-def test_text_templates_render_and_answers_decode(enc, template, variant, q):
+@pytest.mark.parametrize("variant,q", TEXT_CASES, ids=[f"{v}-q{q}" for v, q in TEXT_CASES])
+def test_text_samples_render_and_answers_decode(enc, variant, q):
     n = 1 if variant == "single" else 4
     for haystack in needle.TEXT_HAYSTACKS:
-        task = needle.TextTask(enc, haystack, "words", "numbers", template)
+        task = needle.TextTask(enc, haystack, "words", "numbers")
         s = task.sample(np.random.default_rng([7, len(haystack)]), 1024, n, variant, q, depth=30)
         ids = s.tokens.tolist()
         assert len(ids) == 1024 and enc.encode(enc.decode(ids)) == ids      # the concatenation round-trips
@@ -596,12 +595,12 @@ def test_text_templates_render_and_answers_decode(enc, template, variant, q):
         assert sorted(labelled.tolist()) == sorted(np.concatenate(s.answers).tolist())
         assert np.array_equal(s.targets[labelled], s.tokens[labelled + 1])
         text = enc.decode(ids)
-        context = text.rsplit("\n", q if template == "completion" else 1)[0]     # without the question(s)
-        pairs = re.findall(NEEDLE_RE[template], context)
+        context = text.rsplit("\n", q)[0]                                  # without the question(s)
+        pairs = re.findall(NEEDLE_RE, context)
         answers = [enc.decode(s.targets[a].tolist()) for a in s.answers]
         assert all(a.startswith(" ") for a in answers)
         spans = [enc.decode(s.tokens[lo:hi].tolist()) for lo, hi in s.spans]   # every needle-like sentence, in order
-        assert [re.findall(NEEDLE_RE[template], t)[0] for t in spans] == pairs
+        assert [re.findall(NEEDLE_RE, t)[0] for t in spans] == pairs
         for row, a in zip(s.asked, answers):
             assert spans[row].endswith(a.split(",")[0] + ".")
         if haystack != "needle":                     # the only needle sentences are the real ones
@@ -610,26 +609,22 @@ def test_text_templates_render_and_answers_decode(enc, template, variant, q):
                 assert answers == [" " + ", ".join(v for _, v in pairs)]
             assert s.copier == [" " + ", ".join(v for _, v in pairs[:n]) == answers[0]] if variant == "multivalue" \
                 else [" " + pairs[g % n][1] == a for g, a in enumerate(answers)]
-        if template == "ruler":
-            plural = variant == "multivalue" or q > 1
-            assert text.startswith("Some special magic numbers are hidden" if plural else
-                                   "A special magic number is hidden")
 
 
 def test_text_prompt_wording(enc):
-    task = needle.TextTask(enc, "noise", "words", "numbers", "completion")
+    task = needle.TextTask(enc, "noise", "words", "numbers")
     s = task.sample(np.random.default_rng(0), 300, 2, "multikey", 1)
     text = enc.decode(s.tokens.tolist())
     assert "The grass is green." in text
     question = text.rsplit("\n", 1)[1]
     assert re.fullmatch(r"The secret code for \S+ is \d{7}", question)
-    uu = needle.TextTask(enc, "essay", "uuids", "uuids", "ruler").sample(np.random.default_rng(1), 600, 1, "single", 1)
+    uu = needle.TextTask(enc, "essay", "uuids", "uuids").sample(np.random.default_rng(1), 600, 1, "single", 1)
     answer = enc.decode(uu.targets[uu.answers[0]].tolist())
     assert re.fullmatch(r" [0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", answer)
 
 
 def test_text_cells_with_peeking_oracle_and_copier(enc):
-    task = needle.TextTask(enc, "essay", "words", "numbers", "ruler")
+    task = needle.TextTask(enc, "essay", "words", "numbers")
     for variant, n, q in (("multikey", 4, 2), ("multivalue", 3, 1)):
         spec = needle.EvalSpec(variant=variant, queries=q, samples=5, depths=(10, 90))
         r = needle.run_cell(peek, task, spec, 1024, n, budget=2 * 1024)
@@ -733,7 +728,7 @@ def test_cli_show_writes_one_figure(ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_text_task_and_preset(ckpt, tmp_path, capsys):
-    doc = needle.main(["--ckpt", ckpt, "--task", "text", "--tokenizer", "bytes", "--template", "ruler",
+    doc = needle.main(["--ckpt", ckpt, "--task", "text", "--tokenizer", "bytes",
                        "--lengths", "512", "--needles", "2", "--samples", "3", "--device", "cpu", "--probe", "1"])
     assert doc["meta"]["tokenizer"] == "bytes" and doc["meta"]["haystack"] == "needle"
     assert doc["cells"][0]["n_samples"] == 3 and "probe" in doc["cells"][0]
@@ -750,13 +745,14 @@ def test_cli_text_task_and_preset(ckpt, tmp_path, capsys):
 BAD = [
     (["--lengths", "3Q"], "invalid length"),
     (["--lengths", "0"], "invalid length"),
-    (["--depths", "120"], "outside 0..100"),
+    (["--depths", "50,120"], "invalid depth '120'"),
     (["--variant", "spiral"], "invalid choice"),
-    (["--samples", "0"], "not an integer >= 1"),
-    (["--seed", "-1"], "not an integer >= 0"),
-    (["--queries", "0"], "not an integer >= 1"),
+    (["--samples", "0"], "invalid count"),
+    (["--seed", "-1"], "invalid seed"),
+    (["--queries", "0"], "invalid count"),
+    (["--needles", "1,0"], "invalid needle count '0'"),
     (["--variant", "single", "--needles", "2"], "exactly 1 needle"),
-    (["--template", "ruler"], "applies to --task text"),
+    (["--keys", "uuids"], "applies to --task text"),
     (["--haystack", "essay"], "not a token haystack"),
 ] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else [])
 
