@@ -642,9 +642,10 @@ def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu
     bins = np.array(spec.depths or range(0, 101, 10), dtype=float)       # each queried value in its nearest bin
     where = bins[np.abs(np.array(depths)[:, None] - bins).argmin(1)]
     right = np.concatenate([np.array(c, bool) for c in results[0]])
+    hist = [[b, int((where == b).sum()), int(right[where == b].sum())] for b in bins if (where == b).any()]
     rec.update(cell_stats(results[0], copier), n_queries=spec.n_queries(n_needles), batch=states[0]["batch"],
                chunked=states[0]["chunked"], seconds=round(time.time() - t0, 3), fingerprint=fingerprint.hexdigest(),
-               depth_hist=[[b, int((where == b).sum()), int(right[where == b].sum())] for b in bins if (where == b).any()])
+               depth_hist=hist)
     if probes[0]:
         rec["probe"] = probe_summary(probes[0])
     if len(fns) > 1:
@@ -717,19 +718,20 @@ def parse_length(text):
 def format_table(results, lengths, needle_counts, threshold=0.9, key="acc"):
     """
     Rows needle counts, columns lengths, cells in % (— if skipped), rows ending with the effective length (the
-    largest L with value >= threshold at every length <= L). results maps (length, needles) to a number, None, or
-    a cell record, from which `key` ("acc", "copier", ...) or key(record) is shown.
+    largest L with value >= threshold at every length <= L) unless threshold is None. results maps (length,
+    needles) to a number, None, or a cell record, from which `key` ("acc", "copier", ...) or key(record) is shown.
     """
     def value(r):
         return (key(r) if callable(key) else r.get(key)) if isinstance(r, dict) and r["acc"] is not None else \
             None if isinstance(r, dict) else r
-    lines = ["needles | " + " | ".join(f"{length_label(L):>6}" for L in lengths) + f" | eff@{threshold:g}"]
+    lines = ["needles | " + " | ".join(f"{length_label(L):>6}" for L in lengths) + (f" | eff@{threshold:g}"
+                                                                                    if threshold else "")]
     for n in needle_counts:
         cells = [value(results.get((L, n))) for L in lengths]
-        eff = effective_length(list(zip(lengths, cells)), threshold)
+        eff = effective_length(list(zip(lengths, cells)), threshold or 1)
         eff = "—" if all(a is None for a in cells) else length_label(eff) if eff else f"<{length_label(min(lengths))}"
         lines.append(f"{n:>7} | " + " | ".join("     —" if a is None else f"{100 * a:6.1f}" for a in cells)
-                     + f" | {eff:>6}")
+                     + (f" | {eff:>6}" if threshold else ""))
     return "\n".join(lines)
 
 
@@ -853,7 +855,8 @@ def build_parser():
     add("--queries", type=count, help="queries per sample (default 1; more = packed, RULER's multiquery)")
     add("--haystack", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)} (default needle: "
                            "distractor needles, no copy shortcut)")
-    add("--lengths", type=typed("length", parse_length, bool, True), help="default 128,512,2K (CPU-sized; GPU: 1K-128K)")
+    add("--lengths", type=typed("length", parse_length, bool, True),
+        help="default 128,512,2K (CPU-sized; on a GPU e.g. 1K,...,128K)")
     add("--needles", type=typed("needle count", int, lambda v: v >= 1, True), help="needle counts (default 1,4,16)")
     add("--samples", type=count, help="samples per cell (default 100; ±5 points needs about 400)")
     add("--depths", type=typed("depth", float, lambda v: 0 <= v <= 100, True), help="pin the queried needle's depth "
@@ -933,19 +936,20 @@ def main(argv=None):
           f"samples per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}")
     doc = run_grid(scorers, task, spec, args.lengths, args.needles, args.out, [m["id"] for m in metas], meta, budget,
                    args.device, args.probe)
-    results, L, N = {(c["length"], c["num_needles"]): c for c in doc["cells"]}, sorted(args.lengths), sorted(args.needles)
+    results = {(c["length"], c["num_needles"]): c for c in doc["cells"]}
     chance = ", ".join(sorted({f"{100 * c['chance']:.2g}%" for c in doc["cells"]}))
-    tables = [("key-blind copier (ignores the key, copies the first needle-like values it saw)", "copier")]
-    tables += [(f"{n} ({m['attention']})", ("acc", lambda c: c["vs"]["acc"])[i]) for i, (n, m) in enumerate(zip(names, metas))]
+    tables = [("key-blind copier (ignores the key, copies the first needle-like values it saw)", "copier", None)]
+    second = (lambda c: c["vs"]["acc"], lambda c: c["vs"]["probe"]["hit"])
+    tables += [(f"{n} ({m['attention']})", key, 0.9) for n, m, key in zip(names, metas, ("acc", second[0]))]
     if args.probe:
         tables += [(f"attention hit of {n}, % (the best head's mass on the matching needle, {args.probe} samples)",
-                    (lambda c: c["probe"]["hit"], lambda c: c["vs"]["probe"]["hit"])[i]) for i, n in enumerate(names)]
-    print(f"\nteacher-forced exact match, % ({args.samples} samples per cell, {args.haystack} haystack); uniform chance "
-          f"{chance}")
-    for title, key in tables:
-        print(f"\n{title}:\n{format_table(results, L, N, key=key)}")
+                    key, None) for n, key in zip(names, (lambda c: c["probe"]["hit"], second[1]))]
+    print(f"\nteacher-forced exact match, % ({args.samples} samples per cell, {args.haystack} haystack); "
+          f"uniform chance {chance}")
+    for title, key, threshold in tables:
+        print(f"\n{title}:\n{format_table(results, sorted(args.lengths), sorted(args.needles), threshold, key)}")
     if args.vs:
-        print("\nΔ = first − second, points, per sample (right iff all its values are); 95% bootstrap CI; McNemar p:")
+        print("\nΔ = first − second, points; per sample (right iff all its values are); 95% bootstrap CI; McNemar p")
         for (length, n), c in sorted(results.items()):
             if "vs" in c:
                 v, (lo, hi) = c["vs"], c["vs"]["delta_ci95"]
