@@ -637,8 +637,13 @@ def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu
             depths += list(s.depths)
         for r, fn, state, pr in zip(results, fns, states, probes):
             r += score_with_backoff(fn, batch, state, device)
-            if len(pr) < probe and hasattr(fn, "model"):
-                pr += probe_masses(fn.model, batch[:probe - len(pr)], device)
+            for sample in batch[:max(0, probe - len(pr))] if hasattr(fn, "model") else []:
+                try:                                # one at a time; the probe is skipped where it runs out of memory
+                    pr += probe_masses(fn.model, [sample], device)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    probe = len(pr)                 # probe no further samples in this cell
+                    break
     bins = np.array(spec.depths or range(0, 101, 10), dtype=float)       # each queried value in its nearest bin
     where = bins[np.abs(np.array(depths)[:, None] - bins).argmin(1)]
     right = np.concatenate([np.array(c, bool) for c in results[0]])
