@@ -117,6 +117,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bench", action="store_true", help="decode latency, softmax vs LUCID (GPU only)")
     args = parser.parse_args(argv)
+    if args.needles < 1:
+        parser.exit(2, f"sample.py: error: --needles must be at least 1, got {args.needles}\n")
     if args.bench:
         return bench_decode(args.device)
 

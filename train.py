@@ -129,15 +129,24 @@ def save(path, model, optimizer, model_args, iter_num, config):
     os.replace(path + ".tmp", path)
 
 
-def needle_eval(model, c, ctx):
-    """Accuracy table on held-out needle samples at the evaluation lengths."""
+def needle_eval(model, c, ctx, encoder=None):
+    """
+    Accuracy {(length, needles): acc} on validation samples (seed domain 2: neither trained on nor the samples that
+    needle.py reports) of the distractor-needle haystack, where copying without reading the key does not work;
+    encoder: the text task through that tokenizer. Prints the key-blind copier's accuracy on the same samples.
+    """
     lengths = c["eval_lengths"] or [c["block_size"]]
+    task = needle.TokenTask(model.config.vocab_size) if encoder is None else needle.TextTask(encoder)
+    spec = needle.EvalSpec(samples=c["eval_samples"], domain=needle.VALID)
     model.eval()
     with ctx:
-        results = needle.evaluate(needle.model_score_fn(model), lengths, c["eval_needles"], c["eval_samples"],
-                                  c["vocab_size"], device=c["device"])
+        records = [needle.run_cell(needle.ModelScorer(model), task, spec, L, n, device=c["device"])
+                   for L in lengths for n in c["eval_needles"]]
     model.train()
-    return results, lengths
+    copier = [r["copier"] for r in records if r["copier"] is not None]
+    print(f"needle validation ({task.describe['haystack']} haystack): key-blind copier "
+          f"{100 * sum(copier) / max(1, len(copier)):.1f}% on the same samples")
+    return {(r["length"], r["num_needles"]): r["acc"] for r in records}, lengths
 
 
 def train(c):

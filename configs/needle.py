@@ -5,13 +5,16 @@
 #   python train.py configs/needle.py --attn=softmax --out_dir=out-needle-softmax
 #   python train.py configs/needle.py --attn=lucid   --out_dir=out-needle-lucid
 #
-# then evaluate both on identical samples (paired: McNemar + bootstrap CI of the difference), 1K -> 128K:
+# then evaluate both on identical samples of the distractor-needle haystack (the key-blind copier and chance are
+# printed beside every cell; paired: McNemar + bootstrap CI of the difference, the sample as the unit), 1K -> 128K:
 #
 #   python needle.py --ckpt out-needle-lucid/ckpt.pt --vs out-needle-softmax/ckpt.pt --preset lucid_mniah \
 #       --lengths 1K,2K,4K,6K,8K,16K,32K,64K,128K --out mniah.json
-#   python needle.py --ckpt out-needle-lucid/ckpt.pt --vs out-needle-softmax/ckpt.pt --query_mode packed \
+#   python needle.py --ckpt out-needle-lucid/ckpt.pt --vs out-needle-softmax/ckpt.pt --queries 8 \
 #       --samples 64 --lengths 1K,2K,4K,8K,16K,32K,64K,128K --needles 1,2,4,8,16,32 \
 #       --depths 0,10,20,30,40,50,60,70,80,90,100 --out grid.json    # + depth x length heatmaps grid_token_*.png
+#   python needle.py --ckpt out-needle-lucid/ckpt.pt --vs out-needle-softmax/ckpt.pt --show needle.png \
+#       --lengths 4K --needles 8                                      # attention on one sample, both models
 #
 out_dir = "out-needle"
 device = "cuda"

@@ -1,6 +1,6 @@
 """
-needle.py on a CPU, offline: the generators, determinism, scoring, statistics, chunked prefill, outputs, the text
-path with a byte-level encoder, and the command line.
+needle.py on a CPU, offline: the generators and their baselines, determinism, scoring, the attention probe,
+statistics, chunked prefill, outputs, the text path with a byte-level encoder, and the command line.
 """
 
 import hashlib
@@ -83,6 +83,21 @@ def tiny_gpt(attn="softmax", pos="rope", token_shift=False, vocab=128, dtype=tor
     return GPT(cfg).to(dtype).eval()
 
 
+def copier_fn(idx, positions):
+    """A key-blind model: answers position i (the i-th query, or the i-th value of one multivalue query) with the
+    value of the i-th key-value pair it saw."""
+    out = torch.zeros(positions.shape, dtype=torch.long)
+    for b in range(idx.shape[0]):
+        row = idx[b].tolist()
+        first_q = row.index(needle.QUERY)
+        pairs = [row[t + 1] for t in range(first_q - 1) if in_range(row[t], "keys") and in_range(row[t + 1], "values")]
+        if all(in_range(row[t], "keys") for t in range(0, first_q - 1, 2)):   # the needle haystack: a 2-token grid
+            pairs = row[1:first_q:2]
+        for i in range(positions.shape[1]):
+            out[b, i] = pairs[i % len(pairs)]
+    return one_hot(out)
+
+
 # -----------------------------------------------------------------------------
 # generator
 
@@ -112,7 +127,7 @@ CASES = [(v, h) for v in needle.VARIANTS for h in needle.TOKEN_HAYSTACKS]
 @pytest.mark.parametrize("variant,haystack", CASES, ids=[f"{v}-{h}" for v, h in CASES])
 def test_token_sample_properties(variant, haystack):
     n = 1 if variant == "single" else 5
-    q = 3 if variant == "multiquery" else 1
+    q = 3 if variant == "multikey" else 1
     for i in range(20):
         T = 96 + i
         s = needle.make_token_sample(np.random.default_rng(i), T, n, V, variant, haystack, q)
@@ -121,27 +136,26 @@ def test_token_sample_properties(variant, haystack):
         assert sorted(labelled.tolist()) == sorted(np.concatenate(s.answers).tolist())     # labels only at answers
         assert np.array_equal(s.targets[labelled], s.tokens[labelled + 1])                 # teacher-forced gold
         assert in_range(s.targets[labelled], "values").all()
-        n_answers = n if variant == "multivalue" else q
-        assert len(s.answers) == (1 if variant == "multivalue" else q) and len(labelled) == n_answers
+        assert len(s.answers) == len(s.copier) == len(s.asked) == (1 if variant == "multivalue" else q)
+        assert len(labelled) == (n if variant == "multivalue" else q)
         first_query = int(np.flatnonzero(s.tokens == needle.QUERY)[0])
         hay = s.tokens[:first_query]
         assert not (hay == needle.QUERY).any()
         if haystack != "needle":                                                            # only filler + needles
             key_pos = np.flatnonzero(in_range(hay, "keys"))
-            assert len(key_pos) == n
-            assert np.all(np.diff(key_pos) >= 2)                                            # non-overlapping
+            assert len(key_pos) == n and np.all(np.diff(key_pos) >= 2)                     # non-overlapping
             assert in_range(hay[key_pos + 1], "values").all()
             assert in_range(np.delete(hay, np.concatenate([key_pos, key_pos + 1])), "filler").all()
-            keys, values = hay[key_pos], hay[key_pos + 1]
-            assert len(set(values.tolist())) == n                                           # unique values
-            assert len(set(keys.tolist())) == (1 if variant == "multivalue" else n)         # unique keys
-        for a in s.answers:                                 # every queried key is a real needle, once per value
-            q_pos = a[0] - 1
-            assert s.tokens[q_pos] == needle.QUERY
-            key = s.tokens[q_pos + 1]
+            assert len(set(hay[key_pos + 1].tolist())) == n                                 # unique values
+            assert len(set(hay[key_pos].tolist())) == (1 if variant == "multivalue" else n)   # unique keys
+            assert np.array_equal(s.spans[:, 0], key_pos)
+        for a, row in zip(s.answers, s.asked):         # every queried key is a real needle, once per value
+            key = s.tokens[a[0]]
+            assert s.tokens[a[0] - 1] == needle.QUERY
             occurrences = np.flatnonzero(hay == key)
-            assert len(occurrences) == len(a)
-            assert np.array_equal(hay[occurrences + 1], s.targets[a])
+            assert len(occurrences) == len(a) and np.array_equal(hay[occurrences + 1], s.targets[a])
+            lo, hi = s.spans[row]                        # the probe's span of the queried needle
+            assert hi - lo == 2 and s.tokens[lo] == key and s.tokens[lo + 1] == s.targets[a[0]]
 
 
 def test_vocab_ranges_disjoint():
@@ -166,10 +180,9 @@ def test_depth_pinned_within_one_token(variant, haystack):
 
 
 def test_requested_needle_and_query_counts_and_capacity_errors():
-    spec = needle.EvalSpec(query_mode="packed")
-    assert spec.n_queries(20) == 8 and spec.n_queries(3) == 3
-    assert needle.EvalSpec(variant="multiquery", queries=4).n_queries(10) == 4
-    with pytest.raises(ValueError, match="do not fit"):
+    assert needle.EvalSpec(queries=8).n_queries(20) == 8 and needle.EvalSpec(queries=8).n_queries(3) == 3
+    assert needle.EvalSpec(variant="multivalue", queries=8).n_queries(10) == 1
+    with pytest.raises(needle.DoesNotFit, match="do not fit"):
         needle.make_token_sample(np.random.default_rng(0), 40, 20, V)
     with pytest.raises(ValueError, match="distinct keys"):
         needle.make_token_sample(np.random.default_rng(0), 4096, 40, V)
@@ -185,12 +198,30 @@ def test_make_sample_keeps_its_interface():
     assert (targets[answer_pos] == tokens[answer_pos + 1]).all()
 
 
+COPY = [("random", "multikey", 1, 1), ("random", "multikey", 2, 1), ("repeat", "multikey", 4, 1),
+        ("random", "multivalue", 4, 1), ("needle", "multikey", 1, 1), ("needle", "multivalue", 4, 1),
+        ("random", "multikey", 4, 3), ("needle", "multikey", 4, 3)]
+
+
+@pytest.mark.parametrize("haystack,variant,n,q", COPY, ids=[f"{h}-{v}-n{n}-q{q}" for h, v, n, q in COPY])
+def test_copier_baseline_is_what_a_key_blind_model_scores(haystack, variant, n, q):
+    """The copier column equals the score of a model that ignores the key; it is perfect on the random haystack
+    with one needle or on multivalue, about 1/n with n needles, and small only with distractor needles."""
+    task, spec = needle.TokenTask(V, haystack), needle.EvalSpec(variant=variant, queries=q, samples=200)
+    r = needle.run_cell(copier_fn, task, spec, 96, n, budget=200 * 96)
+    assert r["copier"] == r["acc"]
+    expect = {"needle": (0, 0.15), "random": (1, 1) if n == 1 or variant == "multivalue" else (0.5 / n, 2 / n),
+              "repeat": (0.5 / n, 2 / n)}[haystack]
+    assert expect[0] <= r["copier"] <= expect[1], r["copier"]
+    assert r["chance"] == pytest.approx((1 / N_VALUES) ** (n if variant == "multivalue" else 1))
+
+
 # -----------------------------------------------------------------------------
 # determinism
 
 
 def test_same_arguments_same_arrays_and_fingerprint():
-    task, spec = needle.TokenTask(V, "needle"), needle.EvalSpec(samples=12, query_mode="packed", depths=(0, 50))
+    task, spec = needle.TokenTask(V, "needle"), needle.EvalSpec(samples=12, queries=8, depths=(0, 50))
     a = [needle.cell_sample(task, spec, 128, 4, i) for i in range(12)]
     b = [needle.cell_sample(needle.TokenTask(V, "needle"), spec, 128, 4, i) for i in range(12)]
     assert all(np.array_equal(x.tokens, y.tokens) and np.array_equal(x.targets, y.targets) for x, y in zip(a, b))
@@ -201,47 +232,85 @@ def test_same_arguments_same_arrays_and_fingerprint():
     assert other["fingerprint"] != r1["fingerprint"]
 
 
+def test_queries_change_only_the_samples_they_shape():
+    """The generator's key holds what shapes a sample: --queries does not touch multivalue samples, nor multikey
+    samples whose needle count caps the queries anyway; it does change samples it shapes."""
+    def tokens(task, **spec):
+        return [needle.cell_sample(task, needle.EvalSpec(**spec), 96, n, i).tokens for n in (2, 4) for i in range(3)]
+    for task in (needle.TokenTask(V), needle.TokenTask(V, "random")):
+        mv = [tokens(task, variant="multivalue", queries=q) for q in (1, 2, 4)]
+        assert all(np.array_equal(x, y) for other in mv[1:] for x, y in zip(mv[0], other))
+        capped = [needle.cell_sample(task, needle.EvalSpec(queries=q), 96, 2, 0).tokens for q in (2, 8)]
+        assert np.array_equal(*capped)
+        shaped = [needle.cell_sample(task, needle.EvalSpec(queries=q), 96, 4, 0).tokens for q in (1, 2)]
+        assert not np.array_equal(*shaped)
+
+
 def test_cell_alone_equals_cell_in_grid():
     task, spec = needle.TokenTask(V), needle.EvalSpec(samples=10)
     doc = needle.run_grid(seeded_random, task, spec, [128, 64], [4, 1, 2], log=lambda s: None)
     alone = needle.run_cell(seeded_random, task, spec, 128, 2)
     cell = next(c for c in doc["cells"] if (c["length"], c["num_needles"]) == (128, 2))
-    for key in ("acc", "fingerprint", "all_correct", "depth_hist", "hash"):
+    for key in ("acc", "fingerprint", "all_correct", "depth_hist", "hash", "copier"):
         assert cell[key] == alone[key]
     assert [(c["length"], c["num_needles"]) for c in doc["cells"]] == [(64, 1), (64, 2), (64, 4), (128, 1),
                                                                        (128, 2), (128, 4)]     # short to long
 
 
-@pytest.mark.parametrize("variant", ["multikey", "multiquery", "multivalue"])
-def test_batch_size_and_order_change_nothing(variant):
-    task, spec = needle.TokenTask(V), needle.EvalSpec(variant=variant, samples=13, query_mode="packed")
+@pytest.mark.parametrize("variant,q", [("multikey", 1), ("multikey", 3), ("multivalue", 1)])
+def test_batch_size_and_order_change_nothing(variant, q):
+    task, spec = needle.TokenTask(V), needle.EvalSpec(variant=variant, samples=13, queries=q)
     records = [needle.run_cell(seeded_random, task, spec, 96, 4, budget=b * 96) for b in (1, 4, 13, 100)]
-    assert len({(r["acc"], r["fingerprint"], r["all_correct"]) for r in records}) == 1
+    assert len({(r["acc"], r["fingerprint"], r["all_correct"], r["copier"]) for r in records}) == 1
     assert [r["batch"] for r in records] == [1, 4, 13, 13]
     forward = [needle.run_cell(seeded_random, task, spec, L, 3)["fingerprint"] for L in (64, 96)]
     backward = [needle.run_cell(seeded_random, task, spec, L, 3)["fingerprint"] for L in (96, 64)]
     assert forward == backward[::-1]
 
 
-def test_gpt_scores_do_not_depend_on_batch_size():
+def test_gpt_logits_do_not_depend_on_batch_size():
     model = tiny_gpt(pos="none", token_shift=True)
-    task, spec = needle.TokenTask(V), needle.EvalSpec(samples=6, query_mode="packed")
-    samples = [needle.cell_sample(task, spec, 64, 4, i) for i in range(6)]
-    fn = needle.model_score_fn(model)
-    assert needle.score_samples(fn, samples) == sum((needle.score_samples(fn, [s]) for s in samples), [])
+    torch.manual_seed(1)
+    with torch.no_grad():                            # weights moved from init, so the logits are not near-uniform
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    samples = [needle.cell_sample(needle.TokenTask(V), needle.EvalSpec(queries=4), 64, 4, i) for i in range(6)]
+    fn = needle.ModelScorer(model)
+    idx = torch.from_numpy(np.stack([s.tokens for s in samples]))
+    pos = torch.from_numpy(np.stack([np.concatenate(s.answers) for s in samples]))
+    together = fn(idx, pos)
+    alone = torch.cat([fn(idx[i:i + 1], pos[i:i + 1]) for i in range(6)])
+    assert together.std() > 0.1 and (together - alone).abs().max() < 1e-10
+
+
+def test_validation_samples_are_not_the_reported_samples(monkeypatch):
+    """train.py's in-training evaluation draws from its own seed domain, not the samples needle.py reports."""
+    import train
+    seen = []
+    real = needle.score_samples
+    monkeypatch.setattr(needle, "score_samples", lambda fn, samples, device="cpu": seen.extend(
+        s.tokens.tobytes() for s in samples) or real(fn, samples, device))
+    c = {"eval_lengths": [64], "block_size": 64, "eval_needles": [2], "eval_samples": 8, "vocab_size": V,
+         "device": "cpu"}
+    results, lengths = train.needle_eval(tiny_gpt().float(), c, torch.no_grad())
+    assert lengths == [64] and set(results) == {(64, 2)} and len(seen) == 8
+    reported = {needle.cell_sample(needle.TokenTask(V, h), needle.EvalSpec(seed=0), 64, 2, i).tokens.tobytes()
+                for h in needle.TOKEN_HAYSTACKS for i in range(8)}
+    assert not reported & set(seen)
 
 
 # -----------------------------------------------------------------------------
 # scoring
 
 
-ORACLE_CASES = [(v, h, m) for v in needle.VARIANTS for h in needle.TOKEN_HAYSTACKS for m in needle.QUERY_MODES]
+ORACLE_CASES = [(v, h, q) for v in needle.VARIANTS for h in needle.TOKEN_HAYSTACKS for q in (1, 3)
+                if q == 1 or v == "multikey"]
 
 
-@pytest.mark.parametrize("variant,haystack,mode", ORACLE_CASES, ids=["-".join(c) for c in ORACLE_CASES])
-def test_oracle_scores_one(variant, haystack, mode):
+@pytest.mark.parametrize("variant,haystack,q", ORACLE_CASES, ids=[f"{v}-{h}-q{q}" for v, h, q in ORACLE_CASES])
+def test_oracle_scores_one(variant, haystack, q):
     n = 1 if variant == "single" else 6
-    spec = needle.EvalSpec(variant=variant, query_mode=mode, samples=8, depths=(0, 100) if mode == "packed" else ())
+    spec = needle.EvalSpec(variant=variant, queries=q, samples=8, depths=(0, 100) if q > 1 else ())
     r = needle.run_cell(oracle, needle.TokenTask(V, haystack), spec, 80, n, budget=3 * 80)
     assert r["acc"] == 1.0 and r["all_correct"] == 1.0 and r["n_samples"] == 8
     assert r["n_values"] == 8 * spec.n_queries(n)
@@ -249,12 +318,11 @@ def test_oracle_scores_one(variant, haystack, mode):
 
 def test_constant_and_random_models_score_about_chance():
     task = needle.TokenTask(V)
-    chance = task.chance()
-    assert chance == needle.chance_accuracy(V) == 1 / N_VALUES
+    assert task.chance("multikey", 8) == needle.chance_accuracy(V) == 1 / N_VALUES
     for fn in (constant, seeded_random):
-        r = needle.run_cell(fn, task, needle.EvalSpec(samples=600, query_mode="packed"), 32, 8, budget=600 * 32)
+        r = needle.run_cell(fn, task, needle.EvalSpec(samples=600, queries=8), 48, 8, budget=600 * 48)
         lo, hi = needle.wilson(r["acc"], r["n_values"])
-        assert lo <= chance <= hi, (fn.__name__, r["acc"])
+        assert lo <= r["chance"] <= hi, (fn.__name__, r["acc"])
 
 
 def test_answer_logits_only_at_answer_positions():
@@ -269,7 +337,7 @@ def test_answer_logits_only_at_answer_positions():
 
 def test_teacher_forcing_equals_greedy_decoding():
     model = tiny_gpt(attn="lucid", pos="none", token_shift=True)
-    fn = needle.model_score_fn(model)
+    fn = needle.ModelScorer(model)
     rng = np.random.default_rng(0)
     for trial in range(4):
         prompt = torch.from_numpy(rng.integers(0, V, size=(1, 30)))
@@ -282,9 +350,8 @@ def test_teacher_forcing_equals_greedy_decoding():
             tokens = np.concatenate([prompt[0].numpy(), gold])
             targets = np.full(len(tokens), needle.IGNORE)
             targets[29:29 + m] = gold
-            s = needle.Sample(tokens, targets, [np.arange(29, 29 + m)], np.zeros(1))
+            s = needle.Sample(tokens, targets, [np.arange(29, 29 + m)], np.zeros(1), [False])
             assert needle.score_samples(fn, [s]) == [[wrong_at is None]]
-            # per position as well: teacher-forced argmax at the first m − (first error) positions = greedy
             logits = fn(torch.from_numpy(tokens)[None], torch.arange(29, 29 + m)[None])
             tf = logits.argmax(-1)[0].numpy()
             upto = m if wrong_at is None else wrong_at + 1
@@ -310,14 +377,44 @@ def test_oom_halves_the_batch_then_switches_to_chunked():
     assert r["acc"] == 1.0 and r["batch"] == 1 and r["chunked"] and fn.force_chunked
 
 
-def test_position_limit_gives_null_not_zero():
-    def limited(idx, positions):
-        return oracle(idx, positions)
-    limited.max_len = 64
-    doc = needle.run_grid(limited, needle.TokenTask(V), needle.EvalSpec(samples=3), [64, 128], [1], log=lambda s: 0)
-    long = doc["cells"][1]
-    assert long["acc"] is None and "exceeds model positions" in long["skipped_reason"]
-    assert doc["cells"][0]["acc"] == 1.0
+# -----------------------------------------------------------------------------
+# attention probe
+
+
+@pytest.mark.parametrize("attn,pos", [("softmax", "rope"), ("lucid", "none"), ("lucid", "rope")])
+def test_probe_reproduces_each_attention_layer(attn, pos):
+    """Recomputed probabilities times V (LUCID: L⁻¹V from the probe's rows of L⁻¹) give each layer's output."""
+    model = tiny_gpt(attn, pos)
+    idx = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([[39, 10, 3], [25, 0, 39]])
+    outputs, inputs = [], []
+    hooks = [b.attn.register_forward_hook(lambda m, a, out: (inputs.append(a[0]), outputs.append(out)) and None)
+             for b in model.blocks]
+    probs, inverse = needle.attention_probe(model, idx, rows, torch.arange(40).expand(2, 40))
+    for h in hooks:
+        h.remove()
+    assert len(inverse) == (2 if attn == "lucid" else 0)
+    for layer, block in enumerate(model.blocks):
+        a, x = block.attn, inputs[layer]
+        v = a.c_kv(x).view(2, 40, 2, a.n_kv_head, a.head_dim)[:, :, 1].transpose(1, 2)        # (B, Hkv, T, D)
+        if attn == "lucid":
+            v = inverse[layer].double() @ v
+        v = v.repeat_interleave(a.n_head // a.n_kv_head, 1)
+        y = (probs[layer].double() @ v).transpose(1, 2).reshape(2, 3, -1)                    # (B, R, C)
+        want = torch.gather(outputs[layer], 1, rows[:, :, None].expand(-1, -1, y.shape[-1]))
+        assert (a.c_proj(y) - want).abs().max() < 1e-5
+        assert torch.allclose(probs[layer].sum(-1), torch.ones(2, 2, 3, dtype=probs[layer].dtype))
+
+
+def test_probe_masses_split_the_query_attention():
+    model = tiny_gpt(pos="none", token_shift=True)
+    samples = [needle.cell_sample(needle.TokenTask(V), needle.EvalSpec(), 64, 4, i) for i in range(3)]
+    masses = needle.probe_masses(model, samples)
+    for (hit, other), s in zip(masses, samples):
+        assert hit.shape == other.shape == (2, 2)
+        assert (hit >= 0).all() and (hit + other * (len(s.spans) - 1) <= 1 + 1e-6).all()
+    summary = needle.probe_summary(masses)
+    assert summary["n"] == 3 and summary["hit"] == pytest.approx(max(max(r) for r in summary["hit_per_head"]), abs=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -342,14 +439,42 @@ def test_mcnemar_exact_known_cases():
 
 def test_paired_comparison_on_identical_samples():
     task, spec = needle.TokenTask(V), needle.EvalSpec(samples=50)
-    same = needle.run_cell(oracle, task, spec, 64, 2, vs_score_fn=oracle)["vs"]
+    same = needle.run_cell([oracle, oracle], task, spec, 64, 2)["vs"]
     assert same["delta"] == 0 and same["discordant"] == [0, 0] and same["mcnemar_p"] == 1.0
     assert same["delta_ci95"] == [0.0, 0.0]
-    vs = needle.run_cell(oracle, task, spec, 64, 2, vs_score_fn=constant)["vs"]
+    vs = needle.run_cell([oracle, constant], task, spec, 64, 2)["vs"]
     b, c = vs["discordant"]
     assert c == 0 and b >= 40                      # the constant is right only when the gold is its token
     assert vs["delta"] == pytest.approx(b / 50) and vs["mcnemar_p"] < 1e-6
     assert vs["delta_ci95"][0] <= vs["delta"] <= vs["delta_ci95"][1]
+
+
+def test_paired_test_and_interval_share_the_sample_unit():
+    """Packed queries: A gets all but the last query of every sample right, B none. No sample is discordant, so
+    McNemar's p is 1; Δ and its interval are about the same unit and must be 0 (they were +0.75 [0.75, 0.75])."""
+    def all_but_last(idx, positions):
+        logits = oracle(idx, positions)
+        logits[:, -1] = logits[:, -1].roll(1, dims=-1)
+        return logits
+
+    def wrong(idx, positions):
+        return oracle(idx, positions).roll(1, dims=-1)
+    spec = needle.EvalSpec(samples=30, queries=4)
+    r = needle.run_cell([all_but_last, wrong], needle.TokenTask(V), spec, 96, 6)
+    assert r["acc"] == 0.75 and r["vs"]["acc"] == 0 and r["all_correct"] == 0
+    v = r["vs"]
+    assert v["discordant"] == [0, 0] and v["mcnemar_p"] == 1.0 and v["delta"] == 0 and v["delta_ci95"] == [0, 0]
+    half = needle.run_cell([oracle, all_but_last], needle.TokenTask(V), spec, 96, 6)["vs"]
+    assert half["discordant"] == [30, 0] and half["delta"] == 1.0
+
+
+def test_paired_stats_count_samples_not_values():
+    a, b = [[True, True, True, False]] * 30, [[False] * 4] * 30
+    assert needle.paired_stats(a, b) == {"delta": 0.0, "delta_ci95": [0.0, 0.0], "discordant": [0, 0],
+                                         "mcnemar_p": 1.0}
+    stats = needle.paired_stats([[True, True]] * 10 + [[True, False]] * 10, [[False, True]] * 20)
+    assert stats["discordant"] == [10, 0] and stats["delta"] == 0.5
+    assert stats["delta_ci95"][0] < 0.5 < stats["delta_ci95"][1]
 
 
 def test_effective_length_and_table():
@@ -359,6 +484,9 @@ def test_effective_length_and_table():
     assert table[0].split("|")[1].strip() == "1K" and "eff@0.9" in table[0]
     assert table[1].split("|")[1:] == ["   95.0 ", "   91.0 ", "   50.0 ", "     2K"]
     assert "—" in table[2] and table[2].endswith("<1K")
+    records = {k: {"acc": a, "copier": 0.5} for k, a in accs.items()}
+    copier = needle.format_table(records, [1024, 2048, 4096], [1, 2], None, "copier").splitlines()
+    assert copier[1] == "      1 |   50.0 |   50.0 |   50.0" and "eff" not in copier[0]
 
 
 @pytest.mark.parametrize("text,value", [("1K", 1024), ("128k", 131072), ("6K", 6144), ("1000", 1000)])
@@ -382,9 +510,9 @@ def test_chunked_prefill_equals_full_forward(attn, pos, shift):
     for chunk in (7, 13, 50):
         assert (model.prefill_chunked(idx, chunk) - full).abs().max().item() < 1e-10
     positions = torch.tensor([[3, 20, 49], [0, 31, 48]])
-    chunked = needle.model_score_fn(model, chunk_threshold=16, chunk_size=7)
-    assert chunked.chunked(50) and not needle.model_score_fn(model).chunked(50)
-    assert (chunked(idx, positions) - needle.model_score_fn(model)(idx, positions)).abs().max().item() < 1e-10
+    chunked = needle.ModelScorer(model, chunk_threshold=16, chunk_size=7)
+    assert chunked.chunked(50) and not needle.ModelScorer(model).chunked(50)
+    assert (chunked(idx, positions) - needle.ModelScorer(model)(idx, positions)).abs().max().item() < 1e-10
 
 
 # -----------------------------------------------------------------------------
@@ -400,15 +528,14 @@ def test_json_keys_and_resume_skips_finished_cells(tmp_path):
     on_disk = json.load(open(out))
     assert on_disk == json.loads(json.dumps(doc))
     assert {"meta", "grid", "cells", "depth_cells", "data_fingerprint"} <= set(on_disk)
-    for key in ("needle_version", "task", "variant", "haystack", "seed", "vocab_size", "tokenizer", "template",
+    for key in ("needle_version", "task", "variant", "haystack", "seed", "vocab_size", "tokenizer", "queries",
                 "numpy", "torch", "started", "wall_s", "model"):
         assert key in on_disk["meta"], key
-    assert on_disk["grid"] == {"lengths": [64, 96], "num_needles": [1, 2, 40], "depths": [0, 50, 100],
-                               "query_mode": "faithful"}
+    assert on_disk["grid"] == {"lengths": [64, 96], "num_needles": [1, 2, 40], "depths": [0, 50, 100]}
     for c in on_disk["cells"]:
-        for key in ("length", "num_needles", "n_samples", "n_values", "acc", "ci95", "all_correct", "seconds",
-                    "batch", "chunked", "skipped_reason"):
-            assert key in c, key
+        for key in ("length", "num_needles", "n_samples", "n_values", "acc", "ci95", "all_correct", "copier",
+                    "chance", "seconds", "batch", "chunked", "skipped_reason"):
+            assert key in c or c["skipped_reason"], key
     skipped = [c for c in on_disk["cells"] if c["num_needles"] == 40]
     assert skipped and all(c["acc"] is None and "40 needles" in c["skipped_reason"] for c in skipped)
     assert {d["depth_bin"] for d in on_disk["depth_cells"]} == {0, 50, 100}
@@ -421,18 +548,6 @@ def test_json_keys_and_resume_skips_finished_cells(tmp_path):
     assert [c["acc"] for c in again["cells"]] == [c["acc"] for c in doc["cells"]]
     needle.run_grid(fn, task, spec, [64, 96, 128], [1, 2, 40], out=out, budget=96 * 6, log=lambda s: None)
     assert fn.calls == calls + 4                     # only the new length: 2 runnable cells, 2 batches each
-
-
-def test_max_seconds_leaves_valid_json_and_resumes(tmp_path):
-    out = str(tmp_path / "r.json")
-    task, spec = needle.TokenTask(V), needle.EvalSpec(samples=4)
-    doc = needle.run_grid(seeded_random, task, spec, [64, 96], [1, 2], out=out, max_seconds=1e-9,
-                          log=lambda s: None)
-    on_disk = json.load(open(out))
-    assert on_disk["cells"] == [] and on_disk["meta"]["stopped_early"] and doc["meta"]["stopped_early"]
-    fn = Counting(seeded_random)
-    full = needle.run_grid(fn, task, spec, [64, 96], [1, 2], out=out, log=lambda s: None)
-    assert len(full["cells"]) == 4 and fn.calls == 4 and not full["meta"]["stopped_early"]
 
 
 def _depth_doc():
@@ -465,18 +580,15 @@ def enc():
     return needle.byte_encoding()
 
 
-TEXT_CASES = [(t, v) for t in needle.TEMPLATES for v in ("single", "multikey", "multivalue", "multiquery")
-              if t != "passkey" or v == "single"]
-NEEDLE_RE = {"completion": r"The secret code for (\S+) is (\S+)\.", "ruler": r"for (\S+) is: (\S+)\.",
-             "passkey": r"The pass key is (\S+)\. Remember"}
+TEXT_CASES = [("single", 1), ("multikey", 1), ("multivalue", 1), ("multikey", 2)]
+NEEDLE_RE = r"The secret code for (\S+) is (\S+)\."
 
 
-@pytest.mark.parametrize("template,variant", TEXT_CASES, ids=[f"{t}-{v}" for t, v in TEXT_CASES])
-def test_text_templates_render_and_answers_decode(enc, template, variant):
+@pytest.mark.parametrize("variant,q", TEXT_CASES, ids=[f"{v}-q{q}" for v, q in TEXT_CASES])
+def test_text_samples_render_and_answers_decode(enc, variant, q):
     n = 1 if variant == "single" else 4
-    q = 2 if variant == "multiquery" else 1
     for haystack in needle.TEXT_HAYSTACKS:
-        task = needle.TextTask(enc, haystack, "words", "numbers", template)
+        task = needle.TextTask(enc, haystack, "words", "numbers")
         s = task.sample(np.random.default_rng([7, len(haystack)]), 1024, n, variant, q, depth=30)
         ids = s.tokens.tolist()
         assert len(ids) == 1024 and enc.encode(enc.decode(ids)) == ids      # the concatenation round-trips
@@ -484,50 +596,49 @@ def test_text_templates_render_and_answers_decode(enc, template, variant):
         assert sorted(labelled.tolist()) == sorted(np.concatenate(s.answers).tolist())
         assert np.array_equal(s.targets[labelled], s.tokens[labelled + 1])
         text = enc.decode(ids)
-        context = text.rsplit("\n", q if template == "completion" else 1)[0]     # without the question(s)
-        found = re.findall(NEEDLE_RE[template], context)
-        pairs = [("", v[0] if isinstance(v, tuple) else v) for v in found] if template == "passkey" else found
+        context = text.rsplit("\n", q)[0]                                  # without the question(s)
+        pairs = re.findall(NEEDLE_RE, context)
         answers = [enc.decode(s.targets[a].tolist()) for a in s.answers]
         assert all(a.startswith(" ") for a in answers)
+        spans = [enc.decode(s.tokens[lo:hi].tolist()) for lo, hi in s.spans]   # every needle-like sentence, in order
+        assert [re.findall(NEEDLE_RE, t)[0] for t in spans] == pairs
+        for row, a in zip(s.asked, answers):
+            assert spans[row].endswith(a.split(",")[0] + ".")
         if haystack != "needle":                     # the only needle sentences are the real ones
             assert len(pairs) == n
             if variant == "multivalue":              # all values, in order of appearance
                 assert answers == [" " + ", ".join(v for _, v in pairs)]
-            else:
-                lookup = dict(pairs)
-                asked = [v for _, v in pairs if " " + v in answers]
-                assert len(answers) == q and all(a[1:] in lookup.values() for a in answers) and len(asked) == q
-        if template == "ruler":
-            plural = variant in ("multivalue", "multiquery")
-            assert text.startswith("Some special magic numbers are hidden" if plural else
-                                   "A special magic number is hidden")
+            assert s.copier == [" " + ", ".join(v for _, v in pairs[:n]) == answers[0]] if variant == "multivalue" \
+                else [" " + pairs[g % n][1] == a for g, a in enumerate(answers)]
 
 
 def test_text_prompt_wording(enc):
-    task = needle.TextTask(enc, "noise", "words", "numbers", "completion")
+    task = needle.TextTask(enc, "noise", "words", "numbers")
     s = task.sample(np.random.default_rng(0), 300, 2, "multikey", 1)
     text = enc.decode(s.tokens.tolist())
     assert "The grass is green." in text
     question = text.rsplit("\n", 1)[1]
     assert re.fullmatch(r"The secret code for \S+ is \d{7}", question)
-    uu = needle.TextTask(enc, "essay", "uuids", "uuids", "ruler").sample(np.random.default_rng(1), 600, 1, "single", 1)
+    uu = needle.TextTask(enc, "essay", "uuids", "uuids").sample(np.random.default_rng(1), 600, 1, "single", 1)
     answer = enc.decode(uu.targets[uu.answers[0]].tolist())
     assert re.fullmatch(r" [0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", answer)
 
 
-def test_text_cells_with_peeking_oracle(enc):
-    task = needle.TextTask(enc, "essay", "words", "numbers", "ruler")
-    for variant, n in (("multiquery", 4), ("multivalue", 3)):
-        spec = needle.EvalSpec(variant=variant, queries=2, samples=5, depths=(10, 90))
+def test_text_cells_with_peeking_oracle_and_copier(enc):
+    task = needle.TextTask(enc, "essay", "words", "numbers")
+    for variant, n, q in (("multikey", 4, 2), ("multivalue", 3, 1)):
+        spec = needle.EvalSpec(variant=variant, queries=q, samples=5, depths=(10, 90))
         r = needle.run_cell(peek, task, spec, 1024, n, budget=2 * 1024)
         assert r["acc"] == 1.0 and r["n_values"] == 5 * spec.n_queries(n)
+    assert needle.run_cell(peek, task, needle.EvalSpec(variant="multivalue", samples=3), 1024, 3)["copier"] == 1.0
+    distractors = needle.TextTask(enc, "needle", "words", "numbers")
+    assert needle.run_cell(peek, distractors, needle.EvalSpec(samples=10), 512, 1)["copier"] <= 0.2
 
     def almost(idx, positions):                      # right everywhere but the second token of each answer
         logits = peek(idx, positions)
         logits[:, 1] = logits[:, 1].roll(1, dims=-1)
         return logits
-    r = needle.run_cell(almost, task, needle.EvalSpec(samples=4), 512, 2)
-    assert r["acc"] == 0.0
+    assert needle.run_cell(almost, task, needle.EvalSpec(samples=4), 512, 2)["acc"] == 0.0
     assert needle.run_cell(peek, task, needle.EvalSpec(samples=2), 120, 8)["skipped_reason"]   # does not fit
 
 
@@ -536,93 +647,137 @@ def test_text_task_rejects_bad_arguments(enc):
         needle.TextTask(enc, haystack="poetry")
     with pytest.raises(ValueError, match="encode"):
         needle.TextTask(object())
-    with pytest.raises(ValueError, match="passkey"):
-        needle.TextTask(enc, template="passkey").sample(np.random.default_rng(0), 512, 2, "multikey", 1)
-
-
-@pytest.mark.skipif(not needle.gpt2_files_cached(), reason="gpt2 files are not in the tiktoken cache (offline)")
-def test_text_with_real_gpt2():
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    for haystack in needle.TEXT_HAYSTACKS:
-        for template in ("completion", "ruler"):
-            task = needle.TextTask(enc, haystack, "words", "numbers", template)
-            for i in range(3):
-                s = task.sample(np.random.default_rng(i), 2048, 4, "multiquery", 2, depth=50)
-                ids = s.tokens.tolist()
-                assert len(ids) == 2048 and enc.encode(enc.decode(ids)) == ids
-                assert all(enc.decode(s.targets[a].tolist()).startswith(" ") for a in s.answers)
+    with pytest.raises(ValueError, match="unknown variant"):
+        needle.TextTask(enc).sample(np.random.default_rng(0), 512, 2, "overwrite", 1)
 
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny untrained checkpoint in train.py's format (vocab 320, so the byte-level text task fits too)."""
-    torch.manual_seed(0)
-    args = dict(vocab_size=320, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, attn="softmax", pos="none",
+def write_ckpt(path, seed=0, vocab=320, attn="softmax", iter_num=0):
+    """A tiny checkpoint in train.py's format (vocab 320, so the byte-level text task fits too)."""
+    torch.manual_seed(seed)
+    args = dict(vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, attn=attn, pos="none",
                 token_shift=True, block_size=64)
     model = GPT(GPTConfig(**args))
-    path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
-    torch.save({"model": model.state_dict(), "model_args": args, "config": {}, "iter_num": 0}, path)
-    return path
+    with torch.no_grad():                            # (tied) value embeddings scaled up: the argmax is some value
+        model.wte.weight[slice(*needle.vocab_layout(vocab)["values"])] *= 5
+    torch.save({"model": model.state_dict(), "model_args": args, "config": {}, "iter_num": iter_num}, path)
+    return str(path)
 
 
-def test_cli_token_grid_with_vs_json_and_heatmap(ckpt, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_ckpt(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+
+
+def test_cli_paired_grid_json_and_heatmap(tmp_path, capsys):
+    """Two different checkpoints (vocab 64: 14 values, so untrained models are right often enough to disagree): the
+    second model's column equals that model evaluated alone, and Δ is the difference of the per-sample rates."""
+    a, b = write_ckpt(tmp_path / "a.pt", 1, 64), write_ckpt(tmp_path / "b.pt", 2, 64)
+    common = ["--lengths", "32,48", "--needles", "1,2", "--samples", "40", "--depths", "0,50,100", "--device", "cpu",
+              "--probe", "4"]
     out = str(tmp_path / "res.json")
-    doc = needle.main(["--ckpt", ckpt, "--lengths", "64,128", "--needles", "1,2", "--samples", "6", "--depths",
-                       "0,50,100", "--out", out, "--vs", ckpt, "--device", "cpu", "--budget", "256"])
+    doc = needle.main(["--ckpt", a, "--vs", b, "--out", out] + common)
     printed = capsys.readouterr().out
-    assert "needles |" in printed and "Δ" in printed and "eff@0.9" in printed
+    assert "needles |" in printed and "Δ" in printed and "copier" in printed and "chance" in printed
+    assert "JSON" not in printed.split("wrote")[0]
+    alone = needle.main(["--ckpt", b] + common)
     saved = json.load(open(out))
-    assert saved["meta"]["model"]["attention"] == "softmax" and saved["meta"]["vs_model"]
-    assert all(c["vs"]["delta"] == 0 and c["vs"]["mcnemar_p"] == 1.0 for c in saved["cells"])
-    assert saved["data_fingerprint"] == doc["data_fingerprint"]
-    try:
-        import matplotlib  # noqa: F401
-        assert len([p for p in os.listdir(tmp_path) if p.endswith(".png")]) == 2
-    except ImportError:
-        assert not [p for p in os.listdir(tmp_path) if p.endswith(".png")]
+    assert saved["meta"]["model"]["attention"] == "softmax" and saved["meta"]["vs_model"]["ckpt"].endswith("b.pt")
+    assert sum(c["vs"]["discordant"] != [0, 0] for c in saved["cells"]) >= 2
+    for c, other in zip(saved["cells"], alone["cells"]):
+        assert c["vs"]["acc"] == other["acc"] and c["copier"] == other["copier"]
+        assert c["vs"]["delta"] == pytest.approx(c["all_correct"] - other["all_correct"])
+        assert 0 <= c["probe"]["hit"] <= 1 and c["vs"]["probe"]["hit"] == other["probe"]["hit"]
+    assert saved["data_fingerprint"] == doc["data_fingerprint"] == alone["data_fingerprint"]
+    pngs = [p for p in os.listdir(tmp_path) if p.endswith(".png")]
+    assert len(pngs) == (2 if needle.pyplot() else 0)
+
+
+def test_cli_resume_identifies_the_checkpoint_by_content(tmp_path, capsys):
+    """Other weights of the same shape written to the same path are a different model: nothing is reused."""
+    path, out = str(tmp_path / "ckpt.pt"), str(tmp_path / "r.json")
+    args = ["--ckpt", path, "--lengths", "32", "--needles", "1", "--samples", "40", "--out", out]
+    write_ckpt(path, seed=1, vocab=64)
+    first = needle.main(args)
+    assert "reused" in (needle.main(args), capsys.readouterr().out)[1]
+    write_ckpt(path, seed=2, vocab=64)
+    second = needle.main(args)
+    assert "reused" not in capsys.readouterr().out
+    assert first["cells"][0]["hash"] != second["cells"][0]["hash"]
+    assert first["meta"]["model"]["id"] != second["meta"]["model"]["id"]
+
+
+def test_cli_attn_runs_the_checkpoint_with_the_other_attention(ckpt, capsys):
+    doc = needle.main(["--ckpt", ckpt, "--attn", "lucid", "--vs", ckpt, "--lengths", "64", "--needles", "2",
+                       "--samples", "4", "--probe", "0"])
+    assert doc["meta"]["model"]["attention"] == "lucid" and doc["meta"]["vs_model"]["attention"] == "softmax"
+    assert doc["meta"]["model"]["id"] != doc["meta"]["vs_model"]["id"]
+
+
+def test_cli_show_writes_one_figure(ckpt, tmp_path, capsys, monkeypatch):
+    png = str(tmp_path / "show.png")
+    args = ["--ckpt", ckpt, "--attn", "lucid", "--vs", ckpt, "--lengths", "64", "--needles", "3", "--show", png]
+    if needle.pyplot() is not None:
+        needle.main(args)
+        assert os.path.getsize(png) > 10000 and f"wrote {png}" in capsys.readouterr().out
+    monkeypatch.setattr(needle, "pyplot", lambda: None)
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        needle.main(args)
 
 
 def test_cli_text_task_and_preset(ckpt, tmp_path, capsys):
-    doc = needle.main(["--ckpt", ckpt, "--task", "text", "--tokenizer", "bytes", "--template", "ruler",
-                       "--lengths", "512", "--needles", "2", "--samples", "3", "--device", "cpu"])
-    assert doc["meta"]["tokenizer"] == "bytes" and doc["cells"][0]["n_samples"] == 3
+    doc = needle.main(["--ckpt", ckpt, "--task", "text", "--tokenizer", "bytes",
+                       "--lengths", "512", "--needles", "2", "--samples", "3", "--device", "cpu", "--probe", "1"])
+    assert doc["meta"]["tokenizer"] == "bytes" and doc["meta"]["haystack"] == "needle"
+    assert doc["cells"][0]["n_samples"] == 3 and "probe" in doc["cells"][0]
     doc = needle.main(["--ckpt", ckpt, "--preset", "lucid_mniah", "--lengths", "128", "--samples", "2",
-                       "--device", "cpu"])
+                       "--device", "cpu", "--probe", "0"])
     assert doc["grid"]["num_needles"] == [2, 4, 6, 8, 10] and doc["meta"]["variant"] == "multikey"
+    assert doc["meta"]["haystack"] == "needle"
     parser = needle.build_parser()
     args = needle.resolve_args(parser, parser.parse_args(["--ckpt", ckpt, "--preset", "lucid_mniah"]))
-    assert args.lengths == [2048, 4096, 6144, 8192] and args.samples == 500 and args.query_mode == "faithful"
+    assert args.lengths == [2048, 4096, 6144, 8192] and args.samples == 500 and args.queries == 1
+    assert "128,512,2K" in parser.format_help()      # the CPU-sized default grid is in --help
 
 
 BAD = [
     (["--lengths", "3Q"], "invalid length"),
     (["--lengths", "0"], "invalid length"),
-    (["--depths", "120"], "outside 0..100"),
+    (["--depths", "50,120"], "invalid depth '120'"),
     (["--variant", "spiral"], "invalid choice"),
-    (["--samples", "0"], "not a positive integer"),
+    (["--samples", "0"], "invalid count"),
+    (["--seed", "-1"], "invalid seed"),
+    (["--queries", "0"], "invalid count"),
+    (["--needles", "1,0"], "invalid needle count '0'"),
     (["--variant", "single", "--needles", "2"], "exactly 1 needle"),
-    (["--template", "ruler"], "--task text only"),
+    (["--keys", "uuids"], "applies to --task text"),
     (["--haystack", "essay"], "not a token haystack"),
-    (["--task", "text", "--template", "passkey"], "passkey"),
-    (["--query_mode", "dense"], "invalid choice"),
-    (["--max_seconds", "-1"], "must be positive"),
-    (["--vs", "missing.pt"], "does not exist"),
-]
+] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("extra,message", BAD, ids=[" ".join(e) for e, _ in BAD])
-def test_bad_arguments_give_clear_errors(ckpt, capsys, extra, message):
+def test_bad_arguments_are_errors_at_parse_time(ckpt, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
         needle.main(["--ckpt", ckpt, "--device", "cpu"] + extra)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_missing_checkpoint_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit):
-        needle.main(["--ckpt", "no/such/ckpt.pt"])
-    assert "does not exist" in capsys.readouterr().err
+def test_missing_or_truncated_checkpoint_is_one_line(ckpt, tmp_path):
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(open(ckpt, "rb").read()[:300])
+    for path, message in (("no/such/ckpt.pt", "no checkpoint at"), (str(truncated), "could not read")):
+        for argv in (["--ckpt", path], ["--ckpt", ckpt, "--vs", path]):
+            with pytest.raises(SystemExit) as e:
+                needle.main(argv)
+            assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_sample_py_rejects_zero_needles(ckpt, capsys):
+    import sample
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt, "--needles", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--needles must be at least 1" in err and len(err.strip().splitlines()) == 1
