@@ -3,10 +3,10 @@ Synthetic needle retrieval: the training data of this repo and its long-context 
 
 Token task: a haystack with n needles `k v` (a key token, then its value token), then queries `Q k v`; the model must
 produce the value that followed k. Ids: 0..7 reserved (PAD = 0, QUERY = 1), then filler (half the rest), keys and
-values (a quarter each). Haystacks: `needle` (default: distractor `k v` pairs whose keys are never asked), `random`
-filler, a `repeat`ed period. Only `needle` has no shortcut: elsewhere a model that ignores the key and copies the
-first value it saw is right with one needle, so every cell reports that key-blind copier's accuracy on its own
-samples beside uniform chance. Text task: the same through a tiktoken encoder, needle sentences in prose.
+values (a quarter each). Haystacks: `needle` (default: distractor `k v` pairs whose keys are never asked) or `random`
+filler. Only `needle` has no shortcut: on `random` a model that ignores the key and copies the first value it saw is
+right with one needle, so every cell reports that key-blind copier's accuracy on its own samples beside uniform
+chance. Text task: the same through a tiktoken encoder, needle sentences in prose.
 
 A sample's generator is keyed by (seed, domain, task, length, needles, index) and what else shapes that sample, so
 batch size, order and other cells never change it; domains: 0 training, 1 this command line, 2 train.py's validation.
@@ -20,7 +20,6 @@ discordant samples, Δ of the per-sample rates with a bootstrap interval over sa
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import math
@@ -40,8 +39,7 @@ PAD, QUERY, N_RESERVED = 0, 1, 8
 TRAIN, EVAL, VALID = 0, 1, 2    # seed domains: training batches, needle.py's command line, train.py's validation
 IGNORE = -100               # target of positions that are not scored
 VARIANTS = ("single", "multikey", "multivalue")
-TOKEN_HAYSTACKS = ("needle", "random", "repeat")
-REPEAT_PERIOD = (20, 25)    # the `repeat` haystack's period, about the length of RULER's noise sentences
+TOKEN_HAYSTACKS = ("needle", "random")
 
 
 class DoesNotFit(ValueError):
@@ -84,29 +82,26 @@ def sample_rng(seed, domain, task, length, n_needles, index, *extra):
     return np.random.default_rng([seed, domain, zlib.crc32(task.encode()), length, n_needles, index] + extra)
 
 
-def capacity_error(length, n_needles, vocab_size, variant="multikey", n_queries=1, haystack="random"):
-    """Why these needles cannot fit a token sample (a sentence), or None."""
+def check_fits(length, n_needles, vocab_size, variant="multikey", n_queries=1, haystack="random"):
+    """ValueError for an unknown variant or haystack; DoesNotFit if the needles and queries cannot fit a sample."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if haystack not in TOKEN_HAYSTACKS:
+        raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
     lay = vocab_layout(vocab_size)
     n_k, n_w = lay["keys"][1] - lay["keys"][0], lay["values"][1] - lay["values"][0]
-    if variant not in VARIANTS:
-        return f"unknown variant {variant!r}; choose from {VARIANTS}"
-    if variant == "single" and n_needles != 1:
-        return f"the single variant has exactly 1 needle, got {n_needles}"
-    if variant != "multivalue" and not 1 <= n_queries <= n_needles:
-        return f"need 1 <= queries <= needles, got {n_queries} queries, {n_needles} needles"
     suffix, keys_needed = (2 + n_needles, 1) if variant == "multivalue" else (3 * n_queries, n_needles)
     spare = haystack == "needle"                    # distractors need at least one unused key and value
-    if keys_needed + spare > n_k or n_needles + spare > n_w:
-        return (f"{n_needles} needles need {keys_needed + spare} distinct keys and {n_needles + spare} distinct "
-                f"values; vocab_size {vocab_size} has {n_k} and {n_w}")
     room = length - suffix
+    if variant == "single" and n_needles != 1:
+        raise DoesNotFit(f"the single variant has exactly 1 needle, got {n_needles}")
+    if variant != "multivalue" and not 1 <= n_queries <= n_needles:
+        raise DoesNotFit(f"need 1 <= queries <= needles, got {n_queries} queries, {n_needles} needles")
+    if keys_needed + spare > n_k or n_needles + spare > n_w:
+        raise DoesNotFit(f"{n_needles} needles need {keys_needed + spare} distinct keys and {n_needles + spare} "
+                         f"distinct values; vocab_size {vocab_size} has {n_k} and {n_w}")
     if 2 * n_needles > room - (room % 2 if haystack == "needle" else 0):
-        return f"{n_needles} needles and {n_queries} queries do not fit in length {length}"
-
-
-def check(reason):
-    if reason:
-        raise (ValueError if reason.startswith("unknown") else DoesNotFit)(reason)
+        raise DoesNotFit(f"{n_needles} needles and {n_queries} queries do not fit in length {length}")
 
 
 def place_needles(rng, haystack_len, n, unit=1, depth=None):
@@ -134,9 +129,7 @@ def make_token_sample(rng, length, n_needles, vocab_size, variant="multikey", ha
                       depth=None):
     """One token sample: `[haystack with needles] [Q k v] ...` (multivalue: one `[Q k v1 .. vm]`, values in order of
     appearance). `depth` (%) pins the first queried needle."""
-    if haystack not in TOKEN_HAYSTACKS:
-        raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
-    check(capacity_error(length, n_needles, vocab_size, variant, n_queries, haystack))
+    check_fits(length, n_needles, vocab_size, variant, n_queries, haystack)
     lay = vocab_layout(vocab_size)
     multivalue = variant == "multivalue"
     hay_len = length - (2 + n_needles if multivalue else 3 * n_queries)
@@ -144,10 +137,7 @@ def make_token_sample(rng, length, n_needles, vocab_size, variant="multikey", ha
     tokens = rng.integers(*lay["filler"], size=length) if haystack == "random" else None
     keys = rng.choice(np.arange(*lay["keys"]), size=1 if multivalue else n_needles, replace=False)
     values = rng.choice(np.arange(*lay["values"]), size=n_needles, replace=False)
-    if haystack == "repeat":
-        period = rng.integers(*lay["filler"], size=int(rng.integers(REPEAT_PERIOD[0], REPEAT_PERIOD[1] + 1)))
-        tokens = np.resize(period, length)
-    elif haystack == "needle":                      # distractor pairs: unused keys with values no real key has
+    if haystack == "needle":                        # distractor pairs: unused keys with values no real key has
         tokens = rng.integers(*lay["filler"], size=length)
         pairs = length // 2
         tokens[0:2 * pairs:2] = rng.choice(np.setdiff1d(np.arange(*lay["keys"]), keys), size=pairs)
@@ -211,12 +201,9 @@ def curriculum_length(it, max_iters, min_len, max_len):
 
 
 class TokenTask:
-    """The token task as an evaluation generator (the interface of TextTask)."""
+    """The token task as an evaluation generator (the interface of TextTask); the haystack is checked per sample."""
 
     def __init__(self, vocab_size, haystack="needle"):
-        if haystack not in TOKEN_HAYSTACKS:
-            raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
-        vocab_layout(vocab_size)
         self.vocab_size, self.haystack, self.key = vocab_size, haystack, f"token/{haystack}"
         self.describe = {"task": "token", "haystack": haystack, "vocab_size": vocab_size, "tokenizer": None}
 
@@ -282,8 +269,6 @@ class TextTask:
                                      ("values", values, TEXT_KINDS)):
             if value not in allowed:
                 raise ValueError(f"unknown text {name} {value!r}; choose from {allowed}")
-        if not all(hasattr(enc, a) for a in ("encode", "decode", "n_vocab")):
-            raise ValueError("the encoder needs encode, decode and n_vocab")
         self.enc, self.haystack, self.keys, self.values, self._ids = enc, haystack, keys, values, {}
         rng = np.random.default_rng(zlib.crc32(b"essay pool"))         # the same essay in every run
         self.pool = {"noise": list(NOISE), "needle": None, "essay": [
@@ -340,7 +325,7 @@ class TextTask:
             total += len(ids)
 
     def sample(self, rng, length, n_needles, variant, n_queries, depth=None):
-        check(capacity_error(10 ** 9, n_needles, 10 ** 9, variant, n_queries))
+        check_fits(10 ** 9, n_needles, 10 ** 9, variant, n_queries)
         multivalue = variant == "multivalue"
         keys = self.draw(rng, self.keys, 1 if multivalue else n_needles)
         values = self.draw(rng, self.values, n_needles)
@@ -405,15 +390,15 @@ class ModelScorer:
     """
     score_fn(idx (B, T), positions (B, P)) -> logits (B, P, V) of a model.py GPT: the post-ln_f states, times
     lm_head only at the asked rows (full logits at 128K with V = 50,304 would be 12 GB in bf16). Sequences longer
-    than chunk_threshold, or all once force_chunked is set (after an OOM at batch 1), use model.prefill_chunked.
+    than chunk_threshold use model.prefill_chunked, so memory stays bounded at long contexts.
     """
 
     def __init__(self, model, chunk_threshold=16384, chunk_size=8192, autocast_dtype=None):
         self.model, self.chunk_threshold, self.chunk_size = model, chunk_threshold, chunk_size
-        self.autocast_dtype, self.force_chunked = autocast_dtype, False
+        self.autocast_dtype = autocast_dtype
 
     def chunked(self, length):
-        return self.force_chunked or bool(self.chunk_threshold and length > self.chunk_threshold)
+        return bool(self.chunk_threshold and length > self.chunk_threshold)
 
     @torch.no_grad()
     def __call__(self, idx, positions):
@@ -442,24 +427,6 @@ def score_samples(score_fn, samples, device="cpu"):
         out.append([bool(hit[e - len(a):e].all()) for a, e in zip(s.answers, ends)])
     return out
 
-
-def score_with_backoff(score_fn, samples, state, device="cpu"):
-    """score_samples in batches of state["batch"]; on CUDA out-of-memory free the cache and halve the batch, and at
-    batch 1 switch the scorer to chunked prefill before giving up."""
-    out, i = [], 0
-    while i < len(samples):
-        try:
-            out += score_samples(score_fn, samples[i:i + state["batch"]], device)
-            i += state["batch"]
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if state["batch"] > 1:
-                state["batch"] //= 2
-            elif getattr(score_fn, "force_chunked", True) is False:
-                score_fn.force_chunked = state["chunked"] = True
-            else:
-                raise
-    return out
 
 # -----------------------------------------------------------------------------
 # attention probe: the query's attention, recomputed from the attention modules' inputs (forward hooks)
@@ -621,42 +588,35 @@ def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu
     rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length,
            "num_needles": n_needles, "acc": None, "chance": task.chance(spec.variant, n_needles),
            "skipped_reason": None}
-    t0, states = time.time(), [{"batch": max(1, min(spec.samples, budget // length)), "chunked": False} for _ in fns]
-    for fn, state in zip(fns, states):
-        state["chunked"] = bool(getattr(fn, "chunked", lambda T: False)(length))
+    t0, batch_size = time.time(), max(1, min(spec.samples, budget // length))
     results, probes, copier, depths, fingerprint = [[] for _ in fns], [[] for _ in fns], [], [], hashlib.sha256()
-    for first in range(0, spec.samples, states[0]["batch"]):
+    for first in range(0, spec.samples, batch_size):
         try:
             batch = [cell_sample(task, spec, length, n_needles, i)
-                     for i in range(first, min(spec.samples, first + states[0]["batch"]))]
+                     for i in range(first, min(spec.samples, first + batch_size))]
         except DoesNotFit as e:
             return {**rec, "skipped_reason": str(e)}
         for s in batch:
             fingerprint.update(s.tokens.tobytes() + s.targets.tobytes())
             copier.append(s.copier)
             depths += list(s.depths)
-        for r, fn, state, pr in zip(results, fns, states, probes):
-            r += score_with_backoff(fn, batch, state, device)
+        for r, fn, pr in zip(results, fns, probes):
+            r += score_samples(fn, batch, device)
             for sample in batch[:max(0, probe - len(pr))] if hasattr(fn, "model") else []:
-                try:                                # one at a time; the probe is skipped where it runs out of memory
-                    pr += probe_masses(fn.model, [sample], device)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    probe = len(pr)                 # probe no further samples in this cell
-                    break
+                pr += probe_masses(fn.model, [sample], device)     # one at a time: a full forward, not chunked
     bins = np.array(spec.depths or range(0, 101, 10), dtype=float)       # each queried value in its nearest bin
     where = bins[np.abs(np.array(depths)[:, None] - bins).argmin(1)]
     right = np.concatenate([np.array(c, bool) for c in results[0]])
     hist = [[b, int((where == b).sum()), int(right[where == b].sum())] for b in bins if (where == b).any()]
-    rec.update(cell_stats(results[0], copier), n_queries=spec.n_queries(n_needles), batch=states[0]["batch"],
-               chunked=states[0]["chunked"], seconds=round(time.time() - t0, 3), fingerprint=fingerprint.hexdigest(),
-               depth_hist=hist)
+    rec.update(cell_stats(results[0], copier), n_queries=spec.n_queries(n_needles), batch=batch_size,
+               chunked=bool(getattr(fns[0], "chunked", lambda T: False)(length)), seconds=round(time.time() - t0, 3),
+               fingerprint=fingerprint.hexdigest(), depth_hist=hist)
     if probes[0]:
         rec["probe"] = probe_summary(probes[0])
     if len(fns) > 1:
         other = cell_stats(results[1], copier)
         rec["vs"] = {**{k: other[k] for k in ("acc", "ci95", "all_correct")}, **paired_stats(results[0], results[1]),
-                     "batch": states[1]["batch"], **({"probe": probe_summary(probes[1])} if probes[1] else {})}
+                     **({"probe": probe_summary(probes[1])} if probes[1] else {})}
     return rec
 
 
@@ -673,7 +633,7 @@ def run_grid(score_fns, task, spec, lengths, needle_counts, out=None, ids=(), me
     doc = {"meta": {**(meta or {}), **task.describe, "needle_version": NEEDLE_VERSION, "variant": spec.variant,
                     "queries": spec.queries, "seed": spec.seed, "domain": spec.domain, "samples": spec.samples,
                     "metric": "teacher-forced exact match", "numpy": np.__version__, "torch": torch.__version__,
-                    "started": datetime.datetime.now().isoformat(timespec="seconds")},
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
            "grid": {"lengths": sorted(lengths), "num_needles": sorted(needle_counts), "depths": list(spec.depths)},
            "cells": []}
     grid = [(L, n) for L in sorted(lengths) for n in sorted(needle_counts)]
