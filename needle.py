@@ -27,7 +27,6 @@ import os
 import re
 import sys
 import time
-import uuid
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -38,7 +37,7 @@ NEEDLE_VERSION = 2          # bump when the samples drawn for existing arguments
 PAD, QUERY, N_RESERVED = 0, 1, 8
 TRAIN, EVAL, VALID = 0, 1, 2    # seed domains: training batches, needle.py's command line, train.py's validation
 IGNORE = -100               # target of positions that are not scored
-VARIANTS = ("single", "multikey", "multivalue")
+VARIANTS = ("multikey", "multivalue")     # one needle asked per query, or all values of one key
 TOKEN_HAYSTACKS = ("needle", "random")
 
 
@@ -93,8 +92,6 @@ def check_fits(length, n_needles, vocab_size, variant="multikey", n_queries=1, h
     suffix, keys_needed = (2 + n_needles, 1) if variant == "multivalue" else (3 * n_queries, n_needles)
     spare = haystack == "needle"                    # distractors need at least one unused key and value
     room = length - suffix
-    if variant == "single" and n_needles != 1:
-        raise DoesNotFit(f"the single variant has exactly 1 needle, got {n_needles}")
     if variant != "multivalue" and not 1 <= n_queries <= n_needles:
         raise DoesNotFit(f"need 1 <= queries <= needles, got {n_queries} queries, {n_needles} needles")
     if keys_needed + spare > n_k or n_needles + spare > n_w:
@@ -217,7 +214,6 @@ class TokenTask:
 # text task: needle sentences in prose, through a tokenizer
 
 TEXT_HAYSTACKS = ("needle", "essay", "noise")
-TEXT_KINDS = ("words", "numbers", "uuids")   # what keys and values are made of
 WORDS = """able amber ancient bitter bold brave bright calm cheap clever cold crisp curious dark deep distant dry eager
 early empty exact fast fierce flat fresh frozen gentle giant golden green heavy hidden hollow honest icy keen kind large
 lazy light little loud lucky lunar magic mild misty modern narrow noble odd orange pale plain proud quick quiet rapid
@@ -259,51 +255,43 @@ def load_encoder(name):
 class TextTask:
     """
     `context + question + answer`, exactly `length` tokens of `enc`, from id lists: haystack sentences encoded once
-    as " " + sentence, needle sentences "The secret code for <key> is <value>." at sentence boundaries, queries
-    "\nThe secret code for <key> is" and the answer " <value>". Every piece starts where GPT-2's pre-tokenizer cuts
-    anyway (a space-prefixed word, a newline, punctuation), so the ids equal the encoding of the text (tested).
+    as " " + sentence, needle sentences "The secret code for <key> is <value>." at sentence boundaries (keys are
+    adjective-noun pairs, values 7-digit numbers), queries "\nThe secret code for <key> is" and the answer " <value>".
+    Every piece starts where GPT-2's pre-tokenizer cuts anyway (a space-prefixed word, a newline, punctuation), so the
+    ids equal the encoding of the text (tested).
     """
 
-    def __init__(self, enc, haystack="needle", keys="words", values="numbers", haystack_file=None):
-        for name, value, allowed in (("haystack", haystack, TEXT_HAYSTACKS), ("keys", keys, TEXT_KINDS),
-                                     ("values", values, TEXT_KINDS)):
-            if value not in allowed:
-                raise ValueError(f"unknown text {name} {value!r}; choose from {allowed}")
-        self.enc, self.haystack, self.keys, self.values, self._ids = enc, haystack, keys, values, {}
+    def __init__(self, enc, haystack="needle", haystack_file=None):
+        if haystack not in TEXT_HAYSTACKS:
+            raise ValueError(f"unknown text haystack {haystack!r}; choose from {TEXT_HAYSTACKS}")
+        self.enc, self.haystack = enc, haystack
         rng = np.random.default_rng(zlib.crc32(b"essay pool"))         # the same essay in every run
-        self.pool = {"noise": list(NOISE), "needle": None, "essay": [
+        pool = {"noise": NOISE, "needle": (), "essay": [
             "{} {} {}{}.".format(*(p[rng.integers(len(p))] for p in ESSAY)) for _ in range(2000)]}[haystack]
         if haystack_file is not None:
             with open(haystack_file, encoding="utf-8") as f:
-                self.pool = [s for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", f.read()).strip()) if s]
-            if not self.pool:
+                pool = [s for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", f.read()).strip()) if s]
+            if not pool:
                 raise ValueError(f"--haystack_file {haystack_file!r} has no sentences")
-            self.haystack = "file:" + hashlib.sha256("\n".join(self.pool).encode()).hexdigest()[:12]
+            self.haystack = "file:" + hashlib.sha256("\n".join(pool).encode()).hexdigest()[:12]
+        self.pool = [enc.encode(" " + s) for s in pool]                # empty: distractor needles instead
         name = getattr(enc, "name", type(enc).__name__)
-        self.key = f"text/{name}/{self.haystack}/{keys}/{values}"
+        self.key = f"text/{name}/{self.haystack}/words/numbers"
         self.describe = {"task": "text", "haystack": self.haystack, "vocab_size": enc.n_vocab, "tokenizer": name,
-                         "keys": keys, "values": values}
+                         "keys": "words", "values": "numbers"}
         self.spacer = next((s for s in (" the", " and", " a") if len(enc.encode(s)) == 1), " the")
 
     def chance(self, variant, n_needles):
-        return 0.0                                  # a 7-digit number or a uuid is not guessed
+        return 0.0                                  # a 7-digit number is not guessed
 
-    def encode(self, text, cache=True):
-        if not cache:
-            return self.enc.encode(text)
-        if text not in self._ids:
-            self._ids[text] = self.enc.encode(text)
-        return self._ids[text]
-
-    def draw(self, rng, kind, n, exclude=()):
-        """n distinct random keys or values of a kind, none in `exclude`."""
+    def draw(self, rng, n, keys, exclude=()):
+        """n distinct random keys (adjective-noun) or values (7-digit numbers), none in `exclude`."""
         out = []
         while len(out) < n:
-            if kind == "words":
+            if keys:
                 item = f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}"
             else:
-                item = str(int(rng.integers(10 ** 6, 10 ** 7))) if kind == "numbers" else str(
-                    uuid.UUID(bytes=rng.bytes(16), version=4))
+                item = str(int(rng.integers(10 ** 6, 10 ** 7)))
             if item not in out and item not in exclude:
                 out.append(item)
         return out
@@ -313,12 +301,12 @@ class TextTask:
         out, total, start = [], 0, int(rng.integers(len(self.pool))) if self.pool else 0
         for i in range(budget + 1):
             value = None
-            if self.pool is None:                   # a distractor needle, with a key that is never asked
-                key, value = self.draw(rng, self.keys, 1, exclude_keys)[0], self.draw(rng, self.values, 1)[0]
-                ids = self.encode(f" The secret code for {key} is {value}.", cache=False)
+            if not self.pool:                       # a distractor needle, with a key that is never asked
+                key, value = self.draw(rng, 1, True, exclude_keys)[0], self.draw(rng, 1, False)[0]
+                ids = self.enc.encode(f" The secret code for {key} is {value}.")
             else:                                   # essay: random sentences; noise, files: consecutive ones
                 j = rng.integers(len(self.pool)) if self.haystack == "essay" else (start + i) % len(self.pool)
-                ids = self.encode(" " + self.pool[j])
+                ids = self.pool[j]
             if total + len(ids) > budget:
                 return out, budget - total
             out.append((ids, value))
@@ -326,12 +314,11 @@ class TextTask:
 
     def sample(self, rng, length, n_needles, variant, n_queries, depth=None):
         check_fits(10 ** 9, n_needles, 10 ** 9, variant, n_queries)
-        multivalue = variant == "multivalue"
-        keys = self.draw(rng, self.keys, 1 if multivalue else n_needles)
-        values = self.draw(rng, self.values, n_needles)
+        multivalue, encode = variant == "multivalue", self.enc.encode
+        keys, values = self.draw(rng, 1 if multivalue else n_needles, True), self.draw(rng, n_needles, False)
         asked = [0] if multivalue else [int(a) for a in rng.choice(n_needles, size=n_queries, replace=False)]
-        needle_ids = [self.encode(f" The secret code for {k} is {v}.", cache=False)
-                      for k, v in zip(keys * n_needles if multivalue else keys, values)]
+        needle_ids = [encode(f" The secret code for {k} is {v}.") for k, v in
+                      zip(keys * n_needles if multivalue else keys, values)]
 
         def question(order):    # [(text, g)]: g = the queried value that a piece is the gold answer of, else None
             if multivalue:      # the values in order of appearance (the length does not depend on the order)
@@ -341,13 +328,12 @@ class TextTask:
             answers = [values[i] for i in asked]
             return answers, [p for g, i in enumerate(asked) for p in (
                 (("." if g else "") + f"\nThe secret code for {keys[i]} is", None), (" " + values[i], g))]
-        budget = length - sum(len(self.encode(t, g is None)) for t, g in question(range(n_needles))[1]) - sum(
-            map(len, needle_ids))
+        budget = length - sum(len(encode(t)) for t, _ in question(range(n_needles))[1]) - sum(map(len, needle_ids))
         if budget < 0:
             raise DoesNotFit(f"{n_needles} needles and the question do not fit in {length} tokens")
         sentences, left = self.haystack_ids(rng, budget, set(keys))
-        one = self.encode(self.spacer)              # a 1-token word repeated; a byte-level encoder cuts the text
-        context = one * left if len(one) == 1 else self.encode(self.spacer * left)[:left]
+        one = encode(self.spacer)                   # a 1-token word repeated; a byte-level encoder cuts the text
+        context = one * left if len(one) == 1 else encode(self.spacer * left)[:left]
         bounds = rng.integers(0, len(sentences) + 1, size=n_needles)
         if depth is not None:                       # the first queried needle at the boundary nearest depth
             bounds[asked[0]] = int(round(depth / 100 * len(sentences)))
@@ -369,7 +355,7 @@ class TextTask:
         answers, pieces = question(order)
         tokens, targets, positions = list(context), np.full(length, IGNORE, dtype=np.int64), [[] for _ in answers]
         for text, g in pieces:
-            ids = self.encode(text, g is None)
+            ids = encode(text)
             if g is not None:                       # the token at s + k is predicted at position s + k − 1
                 positions[g] += range(len(tokens) - 1, len(tokens) - 1 + len(ids))
                 targets[len(tokens) - 1:len(tokens) - 1 + len(ids)] = ids
@@ -786,11 +772,8 @@ def show_sample(path, models, names, sample, device="cpu"):
 # -----------------------------------------------------------------------------
 # command line
 
-PRESETS = {     # the paper's MNIAH (Fig. 4): 2-10 needles, one query, 500 samples, 2K-8K; longer with --lengths
-    "lucid_mniah": {"variant": "multikey", "needles": [2, 4, 6, 8, 10], "samples": 500, "queries": 1,
-                    "lengths": [2048, 4096, 6144, 8192]},
-}
-DEFAULTS = {"variant": "multikey", "needles": [1, 4, 16], "samples": 100, "queries": 1, "lengths": [128, 512, 2048]}
+PRESETS = {"lucid_mniah": {"needles": [2, 4, 6, 8, 10], "samples": 500, "lengths": [2048, 4096, 6144, 8192]}}
+DEFAULTS = {"needles": [1, 4, 16], "samples": 100, "lengths": [128, 512, 2048]}
 
 
 def typed(kind, convert, ok, many=False):
@@ -809,16 +792,15 @@ def typed(kind, convert, ok, many=False):
 def build_parser():
     p = argparse.ArgumentParser(description="Needle retrieval accuracy of checkpoints (teacher-forced exact match) "
                                 "beside the key-blind copier and chance, with an attention probe.")
-    count = typed("count (an integer >= 1)", int, lambda v: v >= 1)
-    add = p.add_argument
+    count, add = typed("count (an integer >= 1)", int, lambda v: v >= 1), p.add_argument
     add("--ckpt", required=True, help="ckpt.pt written by train.py")
     add("--vs", help="a second checkpoint, evaluated on identical samples (paired comparison)")
     add("--attn", choices=("softmax", "lucid"), help="run --ckpt with this attention instead of its own")
     add("--task", choices=("token", "text"), default="token", help="token ids (default), or text through a tokenizer")
-    add("--preset", choices=sorted(PRESETS), help="lucid_mniah: 2-10 needles, 500 samples, 2K-8K")
-    add("--variant", choices=VARIANTS, help="what is asked (default multikey)")
-    add("--queries", type=count, help="queries per sample (default 1; more = packed, RULER's multiquery)")
-    add("--haystack", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)} (default needle: "
+    add("--preset", choices=sorted(PRESETS), help="lucid_mniah: the paper's MNIAH, 2-10 needles, 500 samples, 2K-8K")
+    add("--variant", choices=VARIANTS, default="multikey", help="what is asked (default multikey)")
+    add("--queries", type=count, default=1, help="queries per sample (default 1; more = packed, RULER's multiquery)")
+    add("--haystack", default="needle", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)} (default needle: "
                            "distractor needles, no copy shortcut)")
     add("--lengths", type=typed("length", parse_length, bool, True),
         help="default 128,512,2K (CPU-sized; on a GPU e.g. 1K,...,128K)")
@@ -829,8 +811,6 @@ def build_parser():
     add("--seed", type=typed("seed (an integer >= 0)", int, lambda v: v >= 0), default=0, help="seed of the samples")
     add("--probe", type=typed("probe count", int, lambda v: v >= 0), default=16,
         help="samples per cell whose attention is probed (default 16; 0 = off)")
-    add("--keys", choices=TEXT_KINDS, help="text: what keys are (default words)")
-    add("--values", choices=TEXT_KINDS, help="text: what values are (default numbers)")
     add("--tokenizer", help="text: tiktoken encoding (default gpt2; 'bytes' = byte-level, offline)")
     add("--haystack_file", help="text: plain text to take the haystack sentences from")
     add("--out", help="JSON results, rewritten after every cell (a rerun resumes), heatmaps beside it")
@@ -844,18 +824,13 @@ def build_parser():
 
 def resolve_args(parser, args):
     """Fill defaults (a preset first) and check the combination; errors go through parser.error (exit 2)."""
-    preset, user_needles = PRESETS.get(args.preset, {}), args.needles is not None
-    for name in ("variant", "queries", "samples", "lengths", "needles"):
+    for name, value in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, DEFAULTS[name]))
-    if args.variant == "single":
-        if user_needles and args.needles != [1]:
-            parser.error(f"--variant single has exactly 1 needle, got --needles {args.needles}")
-        args.needles = [1]
-    allowed, args.haystack = TOKEN_HAYSTACKS if args.task == "token" else TEXT_HAYSTACKS, args.haystack or "needle"
+            setattr(args, name, value)
+    allowed = TOKEN_HAYSTACKS if args.task == "token" else TEXT_HAYSTACKS
     if args.haystack not in allowed:
         parser.error(f"--haystack {args.haystack!r} is not a {args.task} haystack; choose from {allowed}")
-    for name in ("keys", "values", "tokenizer", "haystack_file"):
+    for name in ("tokenizer", "haystack_file"):
         if args.task == "token" and getattr(args, name) is not None:
             parser.error(f"--{name} applies to --task text")
     if args.haystack_file and not os.path.isfile(args.haystack_file):
@@ -881,7 +856,7 @@ def main(argv=None):
             enc = load_encoder(args.tokenizer or "gpt2")
             if enc.n_vocab > vocab:
                 raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model only {vocab}")
-            task = TextTask(enc, args.haystack, args.keys or "words", args.values or "numbers", args.haystack_file)
+            task = TextTask(enc, args.haystack, args.haystack_file)
         spec = EvalSpec(args.variant, args.queries, tuple(args.depths or ()), args.samples, args.seed)
         if args.show:
             sample = cell_sample(task, spec, args.lengths[0], args.needles[0], 0)

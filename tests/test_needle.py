@@ -126,8 +126,7 @@ CASES = [(v, h) for v in needle.VARIANTS for h in needle.TOKEN_HAYSTACKS]
 
 @pytest.mark.parametrize("variant,haystack", CASES, ids=[f"{v}-{h}" for v, h in CASES])
 def test_token_sample_properties(variant, haystack):
-    n = 1 if variant == "single" else 5
-    q = 3 if variant == "multikey" else 1
+    n, q = 5, 3 if variant == "multikey" else 1
     for i in range(20):
         T = 96 + i
         s = needle.make_token_sample(np.random.default_rng(i), T, n, V, variant, haystack, q)
@@ -190,8 +189,6 @@ def test_requested_needle_and_query_counts_and_capacity_errors():
         needle.make_token_sample(np.random.default_rng(0), 128, 2, V, variant="overwrite")
     with pytest.raises(ValueError, match="unknown token haystack"):
         needle.TokenTask(V, "repeat").sample(np.random.default_rng(0), 128, 2, "multikey", 1)
-    with pytest.raises(ValueError, match="single variant"):
-        needle.make_token_sample(np.random.default_rng(0), 128, 2, V, variant="single")
 
 
 def test_make_sample_keeps_its_interface():
@@ -310,7 +307,7 @@ ORACLE_CASES = [(v, h, q) for v in needle.VARIANTS for h in needle.TOKEN_HAYSTAC
 
 @pytest.mark.parametrize("variant,haystack,q", ORACLE_CASES, ids=[f"{v}-{h}-q{q}" for v, h, q in ORACLE_CASES])
 def test_oracle_scores_one(variant, haystack, q):
-    n = 1 if variant == "single" else 6
+    n = 6
     spec = needle.EvalSpec(variant=variant, queries=q, samples=8, depths=(0, 100) if q > 1 else ())
     r = needle.run_cell(oracle, needle.TokenTask(V, haystack), spec, 80, n, budget=3 * 80)
     assert r["acc"] == 1.0 and r["all_correct"] == 1.0 and r["n_samples"] == 8
@@ -562,15 +559,15 @@ def enc():
     return needle.byte_encoding()
 
 
-TEXT_CASES = [("single", 1), ("multikey", 1), ("multivalue", 1), ("multikey", 2)]
+TEXT_CASES = [("multikey", 1), ("multivalue", 1), ("multikey", 2)]
 NEEDLE_RE = r"The secret code for (\S+) is (\S+)\."
 
 
 @pytest.mark.parametrize("variant,q", TEXT_CASES, ids=[f"{v}-q{q}" for v, q in TEXT_CASES])
 def test_text_samples_render_and_answers_decode(enc, variant, q):
-    n = 1 if variant == "single" else 4
+    n = 4
     for haystack in needle.TEXT_HAYSTACKS:
-        task = needle.TextTask(enc, haystack, "words", "numbers")
+        task = needle.TextTask(enc, haystack)
         s = task.sample(np.random.default_rng([7, len(haystack)]), 1024, n, variant, q, depth=30)
         ids = s.tokens.tolist()
         assert len(ids) == 1024 and enc.encode(enc.decode(ids)) == ids      # the concatenation round-trips
@@ -595,25 +592,23 @@ def test_text_samples_render_and_answers_decode(enc, variant, q):
 
 
 def test_text_prompt_wording(enc):
-    task = needle.TextTask(enc, "noise", "words", "numbers")
+    task = needle.TextTask(enc, "noise")
     s = task.sample(np.random.default_rng(0), 300, 2, "multikey", 1)
     text = enc.decode(s.tokens.tolist())
     assert "The grass is green." in text
     question = text.rsplit("\n", 1)[1]
-    assert re.fullmatch(r"The secret code for \S+ is \d{7}", question)
-    uu = needle.TextTask(enc, "essay", "uuids", "uuids").sample(np.random.default_rng(1), 600, 1, "single", 1)
-    answer = enc.decode(uu.targets[uu.answers[0]].tolist())
-    assert re.fullmatch(r" [0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", answer)
+    key = re.fullmatch(r"The secret code for (\w+)-(\w+) is \d{7}", question)
+    assert key and key[1] in needle.ADJECTIVES and key[2] in needle.NOUNS
 
 
 def test_text_cells_with_peeking_oracle_and_copier(enc):
-    task = needle.TextTask(enc, "essay", "words", "numbers")
+    task = needle.TextTask(enc, "essay")
     for variant, n, q in (("multikey", 4, 2), ("multivalue", 3, 1)):
         spec = needle.EvalSpec(variant=variant, queries=q, samples=5, depths=(10, 90))
         r = needle.run_cell(peek, task, spec, 1024, n, budget=2 * 1024)
         assert r["acc"] == 1.0 and r["n_values"] == 5 * spec.n_queries(n)
     assert needle.run_cell(peek, task, needle.EvalSpec(variant="multivalue", samples=3), 1024, 3)["copier"] == 1.0
-    distractors = needle.TextTask(enc, "needle", "words", "numbers")
+    distractors = needle.TextTask(enc, "needle")
     assert needle.run_cell(peek, distractors, needle.EvalSpec(samples=10), 512, 1)["copier"] <= 0.2
 
     def almost(idx, positions):                      # right everywhere but the second token of each answer
@@ -732,8 +727,7 @@ BAD = [
     (["--seed", "-1"], "invalid seed"),
     (["--queries", "0"], "invalid count"),
     (["--needles", "1,0"], "invalid needle count '0'"),
-    (["--variant", "single", "--needles", "2"], "exactly 1 needle"),
-    (["--keys", "uuids"], "applies to --task text"),
+    (["--tokenizer", "bytes"], "applies to --task text"),
     (["--haystack", "essay"], "not a token haystack"),
 ] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else [])
 
