@@ -374,9 +374,8 @@ class TextTask:
 
 class ModelScorer:
     """
-    score_fn(idx (B, T), positions (B, P)) -> logits (B, P, V) of a model.py GPT: the post-ln_f states, times
-    lm_head only at the asked rows (full logits at 128K with V = 50,304 would be 12 GB in bf16). Sequences longer
-    than chunk_threshold use model.prefill_chunked, so memory stays bounded at long contexts.
+    score_fn(idx (B, T), positions (B, P)) -> logits (B, P, V) of a model.py GPT: lm_head only at the asked rows (full
+    logits at 128K with V = 50,304 would be 12 GB in bf16); above chunk_threshold tokens the prefill is chunked.
     """
 
     def __init__(self, model, chunk_threshold=16384, chunk_size=8192, autocast_dtype=None):
@@ -388,8 +387,8 @@ class ModelScorer:
 
     @torch.no_grad()
     def __call__(self, idx, positions):
-        with torch.autocast("cuda", self.autocast_dtype or torch.float32, enabled=bool(self.autocast_dtype and
-                                                                                       idx.is_cuda)):
+        with torch.autocast("cuda", self.autocast_dtype or torch.float32,
+                            enabled=bool(self.autocast_dtype and idx.is_cuda)):
             if self.chunked(idx.shape[1]):
                 h = self.model.prefill_chunked(idx, self.chunk_size)
             else:
@@ -412,7 +411,6 @@ def score_samples(score_fn, samples, device="cpu"):
         hit, ends = pred[b] == s.targets[positions[b]], np.cumsum([len(a) for a in s.answers])
         out.append([bool(hit[e - len(a):e].all()) for a, e in zip(s.answers, ends)])
     return out
-
 
 # -----------------------------------------------------------------------------
 # attention probe: the query's attention, recomputed from the attention modules' inputs (forward hooks)
@@ -493,11 +491,8 @@ def mcnemar_exact(b, c):
 
 
 def paired_stats(a, b, n_boot=2000, seed=0):
-    """
-    A against B on the same samples, the sample as the unit of test and interval alike (right iff all its values
-    are): Δ = (b − c)/n with b (c) the samples only A (only B) gets right, its 95% percentile interval resampling
-    samples, McNemar's exact test on b, c.
-    """
+    """A against B on the same samples, the sample as the unit (right iff all its values are): Δ = (b − c)/n with b
+    (c) the samples only A (only B) gets right, its 95% bootstrap interval over samples, McNemar's test on b, c."""
     d = np.array([all(x) for x in a], float) - np.array([all(y) for y in b], float)
     b, c = int((d > 0).sum()), int((d < 0).sum())
     means = d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))].mean(1)
@@ -567,8 +562,8 @@ def cell_hash(task, spec, length, n_needles, ids=(), probe=0):
 def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu", ids=(), probe=0):
     """
     One (length, needles) cell for one score_fn or a list (all on identical samples; a second is compared with the
-    first). Samples are drawn and scored in batches of max(1, budget // length); `probe` samples are probed per
-    score_fn that has a .model. A cell whose needles do not fit has acc None and a skipped_reason.
+    first), in batches of max(1, budget // length) samples; the first `probe` samples are probed for every score_fn
+    with a .model. A cell whose needles do not fit has acc None and a skipped_reason.
     """
     fns = score_fns if isinstance(score_fns, (list, tuple)) else [score_fns]
     rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length,
@@ -616,8 +611,7 @@ def run_grid(score_fns, task, spec, lengths, needle_counts, out=None, ids=(), me
     if out and os.path.exists(out):
         with open(out) as f:
             done = {c["hash"]: c for c in json.load(f).get("cells", [])}
-    doc = {"meta": {**(meta or {}), **task.describe, "needle_version": NEEDLE_VERSION, "variant": spec.variant,
-                    "queries": spec.queries, "seed": spec.seed, "domain": spec.domain, "samples": spec.samples,
+    doc = {"meta": {**(meta or {}), **task.describe, "needle_version": NEEDLE_VERSION, **asdict(spec),
                     "metric": "teacher-forced exact match", "numpy": np.__version__, "torch": torch.__version__,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
            "grid": {"lengths": sorted(lengths), "num_needles": sorted(needle_counts), "depths": list(spec.depths)},
@@ -626,16 +620,15 @@ def run_grid(score_fns, task, spec, lengths, needle_counts, out=None, ids=(), me
     for k, (length, n) in enumerate(grid):
         rec = done.get(cell_hash(task, spec, length, n, ids, probe)) or run_cell(score_fns, task, spec, length, n,
                                                                                  budget, device, ids, probe)
-        label = f"[{k + 1}/{len(grid)}] length {length_label(length)} needles {n}"
-        if rec["hash"] in done:
-            log(f"{label}: done before, reused")
-        elif rec["skipped_reason"]:
-            log(f"{label}: skipped ({rec['skipped_reason']})")
+        line = f"[{k + 1}/{len(grid)}] length {length_label(length)} needles {n}: "
+        if rec["hash"] in done or rec["skipped_reason"]:
+            log(line + ("done before, reused" if rec["hash"] in done else f"skipped ({rec['skipped_reason']})"))
         else:
-            v, lo, hi = rec.get("vs"), *rec["ci95"]
-            log(f"{label}: acc {100 * rec['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] copier {100 * rec['copier']:.1f}"
+            v, (lo, hi) = rec.get("vs"), rec["ci95"]
+            log(line + f"acc {100 * rec['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] copier {100 * rec['copier']:.1f}"
                 + (f" hit {rec['probe']['hit']:.2f}" if "probe" in rec else "")
-                + (f" | vs {100 * v['acc']:.1f}, Δ {100 * v['delta']:+.1f} p {v['mcnemar_p']:.3g}" if v else "")
+                + (f" | vs {100 * v['acc']:.1f}: Δ {100 * v['delta']:+.1f} [{100 * v['delta_ci95'][0]:+.1f}, "
+                   f"{100 * v['delta_ci95'][1]:+.1f}] discordant {v['discordant']} p {v['mcnemar_p']:.3g}" if v else "")
                 + f" | batch {rec['batch']}{' chunked' if rec['chunked'] else ''} | {rec['seconds']:.1f}s")
         doc["cells"].append(rec)
         doc["depth_cells"] = [{"length": c["length"], "num_needles": c["num_needles"], "depth_bin": b, "n": m,
@@ -668,13 +661,14 @@ def parse_length(text):
 
 def format_table(results, lengths, needle_counts, threshold=0.9, key="acc"):
     """
-    Rows needle counts, columns lengths, cells in % (— if skipped), rows ending with the effective length (the
-    largest L with value >= threshold at every length <= L) unless threshold is None. results maps (length,
-    needles) to a number, None, or a cell record, from which `key` ("acc", "copier", ...) or key(record) is shown.
+    Rows needle counts, columns lengths, cells in % (— if skipped), rows ending with the effective length unless
+    threshold is None. results maps (length, needles) to a number, None, or a cell record, from which `key`
+    ("acc", "copier", ...) or key(record) is shown.
     """
     def value(r):
-        return (key(r) if callable(key) else r.get(key)) if isinstance(r, dict) and r["acc"] is not None else \
-            None if isinstance(r, dict) else r
+        if not isinstance(r, dict) or r["acc"] is None:
+            return None if isinstance(r, dict) else r
+        return key(r) if callable(key) else r[key]
     lines = ["needles | " + " | ".join(f"{length_label(L):>6}" for L in lengths) + (f" | eff@{threshold:g}"
                                                                                     if threshold else "")]
     for n in needle_counts:
@@ -702,7 +696,6 @@ def write_heatmaps(doc, prefix):
     cell annotated with its accuracy and number of scored values. The paths written; none without matplotlib."""
     plt, paths, meta = pyplot(), [], doc["meta"]
     for n in sorted({d["num_needles"] for d in doc["depth_cells"]}) if plt else []:
-        from matplotlib.colors import LinearSegmentedColormap
         cells = [d for d in doc["depth_cells"] if d["num_needles"] == n]
         lengths, bins = sorted({d["length"] for d in cells}), sorted({d["depth_bin"] for d in cells})
         grid = np.full((len(bins), len(lengths)), np.nan)
@@ -711,15 +704,15 @@ def write_heatmaps(doc, prefix):
             i, j = bins.index(d["depth_bin"]), lengths.index(d["length"])
             grid[i, j] = d["acc"]
             ax.text(j, i, f"{100 * d['acc']:.0f}%\nn={d['n']}", ha="center", va="center", fontsize=8)
-        cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
+        cmap = plt.matplotlib.colors.LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
         fig.colorbar(ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto"), ax=ax, label="Score")
         ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths], rotation=45)
         ax.set_yticks(range(len(bins)), [f"{b:g}" for b in bins])
         ax.set(xlabel="context length (tokens)", ylabel="depth of the queried needle (%)",
                title=f"{meta.get('task')} {meta.get('variant')}, {meta.get('haystack')} haystack, {n} needles "
                      "(teacher-forced exact match; n = values scored per depth bin)")
-        fig.tight_layout()
         paths.append(f"{prefix}_{meta.get('task')}_{meta.get('variant')}_n{n}.png")
+        fig.tight_layout()
         fig.savefig(paths[-1])
         plt.close(fig)
     return paths
@@ -735,31 +728,29 @@ def show_sample(path, models, names, sample, device="cpu"):
     plt = pyplot()
     if plt is None:
         raise ValueError("--show needs matplotlib (pip install matplotlib)")
-    idx = torch.from_numpy(sample.tokens)[None].to(device)
+    idx, rows = torch.from_numpy(sample.tokens)[None].to(device), []
     query, (lo, hi) = int(sample.answers[0][0]), sample.spans[sample.asked[0]]
-    cols = []
     for model, name in zip(models, names):
         probs, inv = attention_probe(model, idx, torch.tensor([[query]], device=device),
                                      torch.tensor([[int(hi) - 1]], device=device))
         ok = score_samples(ModelScorer(model), [sample], device)[0][0]
-        cols.append((f"{name} ({model.config.attn}, answer {'right' if ok else 'wrong'}): attention of position "
+        rows.append((f"{name} ({model.config.attn}, answer {'right' if ok else 'wrong'}): attention of position "
                      f"{query}", [p[0, :, 0] for p in probs], None))
         if inv:
             g = model.config.n_head // model.config.n_kv_head
-            cols.append((f"{name}: row {int(hi) - 1} of L⁻¹ (V' at the needle's value = Σ L⁻¹·V)",
+            rows.append((f"{name}: row {int(hi) - 1} of L⁻¹ (V' at the needle's value = Σ L⁻¹·V)",
                          [i[0, :, 0].repeat_interleave(g, 0) for i in inv], (max(0, lo - 64), hi + 2)))
-    layers, heads = len(cols[0][1]), cols[0][1][0].shape[0]
-    fig, axes = plt.subplots(layers * heads, len(cols), figsize=(6 * len(cols), 1.7 * layers * heads + 1.2),
+    layers, heads = len(rows[0][1]), rows[0][1][0].shape[0]
+    fig, axes = plt.subplots(layers * heads, len(rows), figsize=(6 * len(rows), 1.7 * layers * heads + 1.2),
                              squeeze=False)
-    for c, (title, per_layer, zoom) in enumerate(cols):
-        for layer in range(layers):
-            for h in range(heads):
-                ax, y = axes[layer * heads + h, c], per_layer[layer][h].cpu().numpy()
-                ax.axvspan(lo - 0.5, hi - 0.5, color="#0CD79F", alpha=0.5, lw=2)
-                x = np.arange(*zoom) if zoom else np.arange(len(y))
-                ax.plot(x, y[x], "k", lw=0.8)
-                ax.set_ylabel(f"layer {layer} head {h}", fontsize=8)
-                ax.tick_params(labelsize=7)
+    for c, (title, per_layer, zoom) in enumerate(rows):                 # one column per model (and L⁻¹)
+        for r in range(layers * heads):
+            ax, y = axes[r, c], per_layer[r // heads][r % heads].cpu().numpy()
+            ax.axvspan(lo - 0.5, hi - 0.5, color="#0CD79F", alpha=0.5, lw=2)
+            x = np.arange(*zoom) if zoom else np.arange(len(y))
+            ax.plot(x, y[x], "k", lw=0.8)
+            ax.set_ylabel(f"layer {r // heads} head {r % heads}", fontsize=8)
+            ax.tick_params(labelsize=7)
         axes[0, c].set_title(title, fontsize=9)
         axes[-1, c].set_xlabel("position (zoomed in)" if zoom else "position")
     fig.suptitle(f"one sample: {len(sample.tokens)} tokens, the queried needle at {lo}..{hi - 1} (green), "
@@ -800,8 +791,8 @@ def build_parser():
     add("--preset", choices=sorted(PRESETS), help="lucid_mniah: the paper's MNIAH, 2-10 needles, 500 samples, 2K-8K")
     add("--variant", choices=VARIANTS, default="multikey", help="what is asked (default multikey)")
     add("--queries", type=count, default=1, help="queries per sample (default 1; more = packed, RULER's multiquery)")
-    add("--haystack", default="needle", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)} (default needle: "
-                           "distractor needles, no copy shortcut)")
+    add("--haystack", default="needle", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)}"
+        " (default needle: distractor needles, no copy shortcut)")
     add("--lengths", type=typed("length", parse_length, bool, True),
         help="default 128,512,2K (CPU-sized; on a GPU e.g. 1K,...,128K)")
     add("--needles", type=typed("needle count", int, lambda v: v >= 1, True), help="needle counts (default 1,4,16)")
@@ -818,7 +809,7 @@ def build_parser():
     add("--budget", type=parse_length, help="tokens per batch (default 256K softmax, 128K LUCID)")
     add("--chunk_threshold", type=parse_length, default=16384, help="chunked prefill above this length (default 16K)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    add("--dtype", choices=("bfloat16", "float32"), help="autocast on CUDA (default bfloat16); CPU runs float32")
+    add("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="autocast on CUDA; CPU runs float32")
     return p
 
 
@@ -844,8 +835,8 @@ def main(argv=None):
     parser = build_parser()
     args = resolve_args(parser, parser.parse_args(argv))
     from model import load_model
+    names = [args.ckpt] + ([args.vs] if args.vs else [])
     try:                                            # a missing or truncated checkpoint: one line, no traceback
-        names = [args.ckpt] + ([args.vs] if args.vs else [])
         models = [load_model(n, args.device, args.attn if i == 0 else None) for i, n in enumerate(names)]
         vocab = models[0][0].config.vocab_size
         if models[-1][0].config.vocab_size != vocab:
@@ -863,7 +854,7 @@ def main(argv=None):
             return print(f"wrote {show_sample(args.show, [m for m, _ in models], names, sample, args.device)}")
     except ValueError as e:
         sys.exit(f"needle.py: {e}")
-    dtype = (args.dtype or "bfloat16") if "cuda" in args.device else "float32"
+    dtype = args.dtype if "cuda" in args.device else "float32"
     scorers = [ModelScorer(m, args.chunk_threshold, autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
                for m, _ in models]
     budget = args.budget or (128 if any(m.config.attn == "lucid" for m, _ in models) else 256) * 1024
@@ -873,7 +864,9 @@ def main(argv=None):
     meta = {"model": metas[0], "vs_model": metas[1] if args.vs else None, "dtype": dtype, "device": args.device,
             "budget": budget, "command": sys.argv[1:] if argv is None else list(argv)}
     print(f"{args.task} {args.variant}, {args.haystack} haystack, {spec.queries} queries per sample, {args.samples} "
-          f"samples per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}")
+          f"samples per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}"
+          + ("; Δ = first − second per sample (right iff all its values are), 95% bootstrap CI, McNemar p"
+             if args.vs else ""))
     doc = run_grid(scorers, task, spec, args.lengths, args.needles, args.out, [m["id"] for m in metas], meta, budget,
                    args.device, args.probe)
     results = {(c["length"], c["num_needles"]): c for c in doc["cells"]}
@@ -888,13 +881,6 @@ def main(argv=None):
           f"uniform chance {chance}")
     for title, key, threshold in tables:
         print(f"\n{title}:\n{format_table(results, sorted(args.lengths), sorted(args.needles), threshold, key)}")
-    if args.vs:
-        print("\nΔ = first − second, points; per sample (right iff all its values are); 95% bootstrap CI; McNemar p")
-        for (length, n), c in sorted(results.items()):
-            if "vs" in c:
-                v, (lo, hi) = c["vs"], c["vs"]["delta_ci95"]
-                print(f"  {length_label(length):>5} {n:>3} needles: Δ {100 * v['delta']:+6.1f} [{100 * lo:+.1f}, "
-                      f"{100 * hi:+.1f}]  discordant {v['discordant']}  p {v['mcnemar_p']:.3g}")
     for path in write_heatmaps(doc, os.path.splitext(args.out)[0]) if args.out else []:
         print(f"wrote {path}")
     if args.out:
