@@ -37,7 +37,6 @@ NEEDLE_VERSION = 2          # bump when the samples drawn for existing arguments
 PAD, QUERY, N_RESERVED = 0, 1, 8
 TRAIN, EVAL, VALID = 0, 1, 2    # seed domains: training batches, needle.py's command line, train.py's validation
 IGNORE = -100               # target of positions that are not scored
-VARIANTS = ("multikey", "multivalue")     # one needle asked per query, or all values of one key
 TOKEN_HAYSTACKS = ("needle", "random")
 
 
@@ -50,11 +49,11 @@ class Sample:
     """One sequence of exactly `length` tokens and what is scored in it."""
     tokens: np.ndarray      # (T,) int64
     targets: np.ndarray     # (T,) the token to predict at position p (the next token), IGNORE where not scored
-    answers: list           # per queried value: the positions whose predictions must all be right
-    depths: np.ndarray      # per queried value: depth in % of its needle (multivalue: the pinned or first one)
-    copier: list            # per queried value: is the key-blind copier right (query g -> the g-th pair's value)
+    answers: list           # per query: the positions whose predictions must all be right (its value's tokens)
+    depths: np.ndarray      # per query: depth in % of its needle in the haystack
+    copier: list            # per query: is the key-blind copier right (query g -> the g-th needle-like pair's value)
     spans: np.ndarray = None    # (N, 2) [start, end) of every needle-like pair or sentence, in order of appearance
-    asked: list = None          # per queried value: the row of `spans` of the needle of its first answer token
+    asked: list = None          # per query: the row of `spans` of its needle
 
 # -----------------------------------------------------------------------------
 # token task
@@ -69,10 +68,10 @@ def vocab_layout(vocab_size):
             "values": (vocab_size - n, vocab_size)}
 
 
-def chance_accuracy(vocab_size, n_values=1):
-    """Accuracy of guessing each of n_values value tokens uniformly."""
+def chance_accuracy(vocab_size):
+    """Accuracy of guessing a value token uniformly."""
     lo, hi = vocab_layout(vocab_size)["values"]
-    return (1.0 / (hi - lo)) ** n_values
+    return 1.0 / (hi - lo)
 
 
 def sample_rng(seed, domain, task, length, n_needles, index, *extra):
@@ -81,32 +80,22 @@ def sample_rng(seed, domain, task, length, n_needles, index, *extra):
     return np.random.default_rng([seed, domain, zlib.crc32(task.encode()), length, n_needles, index] + extra)
 
 
-def check_fits(length, n_needles, vocab_size, variant="multikey", n_queries=1, haystack="random"):
-    """ValueError for an unknown variant or haystack; DoesNotFit if the needles and queries cannot fit a sample."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-    if haystack not in TOKEN_HAYSTACKS:
-        raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
-    lay = vocab_layout(vocab_size)
-    n_k, n_w = lay["keys"][1] - lay["keys"][0], lay["values"][1] - lay["values"][0]
-    suffix, keys_needed = (2 + n_needles, 1) if variant == "multivalue" else (3 * n_queries, n_needles)
-    spare = haystack == "needle"                    # distractors need at least one unused key and value
-    room = length - suffix
-    if variant != "multivalue" and not 1 <= n_queries <= n_needles:
+def check_fits(length, n_needles, n_queries, n_ids=10 ** 9, pairs=False):
+    """DoesNotFit unless n_queries of n_needles needles fit: n_ids distinct keys and values, 2-token needles in the
+    haystack before 3-token queries (on a 2-token grid if pairs, with a spare key and value for the distractors)."""
+    room = length - 3 * n_queries
+    if not 1 <= n_queries <= n_needles:
         raise DoesNotFit(f"need 1 <= queries <= needles, got {n_queries} queries, {n_needles} needles")
-    if keys_needed + spare > n_k or n_needles + spare > n_w:
-        raise DoesNotFit(f"{n_needles} needles need {keys_needed + spare} distinct keys and {n_needles + spare} "
-                         f"distinct values; vocab_size {vocab_size} has {n_k} and {n_w}")
-    if 2 * n_needles > room - (room % 2 if haystack == "needle" else 0):
+    if n_needles + pairs > n_ids:
+        raise DoesNotFit(f"{n_needles} needles need {n_needles + pairs} distinct keys and values; there are {n_ids}")
+    if 2 * n_needles > room - (room % 2 if pairs else 0):
         raise DoesNotFit(f"{n_needles} needles and {n_queries} queries do not fit in length {length}")
 
 
 def place_needles(rng, haystack_len, n, unit=1, depth=None):
-    """
-    Sorted starts of n non-overlapping 2-token needles in [0, haystack_len) on a grid of `unit` tokens (sorted gaps:
-    every arrangement equally likely), and the index of the pinned needle: with `depth` the other n − 1 are placed
-    first and the pinned one is inserted within ±1 token of depth% · (haystack_len − 2).
-    """
+    """Sorted starts of n non-overlapping 2-token needles in [0, haystack_len) on a grid of `unit` tokens (sorted
+    gaps: every arrangement equally likely), and the index of the pinned needle: with `depth` the other n − 1 are
+    placed first and the pinned one is inserted within ±1 token of depth% · (haystack_len − 2)."""
     slots, width = haystack_len // unit, 2 // unit
     if depth is None:
         return unit * (np.sort(rng.integers(0, slots - width * n + 1, size=n)) + width * np.arange(n)), None
@@ -122,17 +111,16 @@ def place_needles(rng, haystack_len, n, unit=1, depth=None):
     return unit * np.insert(others, pinned, p), pinned
 
 
-def make_token_sample(rng, length, n_needles, vocab_size, variant="multikey", haystack="random", n_queries=1,
-                      depth=None):
-    """One token sample: `[haystack with needles] [Q k v] ...` (multivalue: one `[Q k v1 .. vm]`, values in order of
-    appearance). `depth` (%) pins the first queried needle."""
-    check_fits(length, n_needles, vocab_size, variant, n_queries, haystack)
+def make_token_sample(rng, length, n_needles, vocab_size, haystack="random", n_queries=1, depth=None):
+    """One token sample `[haystack with needles] [Q k v] * n_queries`; `depth` (%) pins the first queried needle."""
+    if haystack not in TOKEN_HAYSTACKS:
+        raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
     lay = vocab_layout(vocab_size)
-    multivalue = variant == "multivalue"
-    hay_len = length - (2 + n_needles if multivalue else 3 * n_queries)
+    check_fits(length, n_needles, n_queries, lay["keys"][1] - lay["keys"][0], haystack == "needle")
+    hay_len = length - 3 * n_queries
     # the draws below, in this order, are the training data: do not reorder them
     tokens = rng.integers(*lay["filler"], size=length) if haystack == "random" else None
-    keys = rng.choice(np.arange(*lay["keys"]), size=1 if multivalue else n_needles, replace=False)
+    keys = rng.choice(np.arange(*lay["keys"]), size=n_needles, replace=False)
     values = rng.choice(np.arange(*lay["values"]), size=n_needles, replace=False)
     if haystack == "needle":                        # distractor pairs: unused keys with values no real key has
         tokens = rng.integers(*lay["filler"], size=length)
@@ -140,46 +128,37 @@ def make_token_sample(rng, length, n_needles, vocab_size, variant="multikey", ha
         tokens[0:2 * pairs:2] = rng.choice(np.setdiff1d(np.arange(*lay["keys"]), keys), size=pairs)
         tokens[1:2 * pairs:2] = rng.choice(np.setdiff1d(np.arange(*lay["values"]), values), size=pairs)
     starts, pinned = place_needles(rng, hay_len, n_needles, 2 if haystack == "needle" else 1, depth)
-    tokens[starts], tokens[starts + 1] = (np.repeat(keys, n_needles) if multivalue else keys), values
+    tokens[starts], tokens[starts + 1] = keys, values
     pair_starts = 2 * np.arange(hay_len // 2) if haystack == "needle" else starts
-    spans = np.stack([pair_starts, pair_starts + 2], 1)
     row = np.searchsorted(pair_starts, starts)      # the spans row of each real needle
     shown = tokens[pair_starts + 1]                 # values of the needle-like pairs, in order of appearance
-    targets = np.full(length, IGNORE, dtype=np.int64)
-    depth_of = 100.0 * starts / max(1, hay_len - 2)
-    p = hay_len
-    if multivalue:
-        tokens[p], tokens[p + 1], tokens[p + 2:p + 2 + n_needles] = QUERY, keys[0], values
-        targets[p + 1:p + 1 + n_needles] = values
-        return Sample(tokens.astype(np.int64), targets, [np.arange(p + 1, p + 1 + n_needles)],
-                      depth_of[[0 if pinned is None else pinned]], [bool(np.array_equal(shown[:n_needles], values))],
-                      spans, [int(row[0])])
     if pinned is None:
         asked = rng.choice(n_needles, size=n_queries, replace=False)
     else:
         rest = np.delete(np.arange(n_needles), pinned)
         asked = np.concatenate([[pinned], rng.choice(rest, size=n_queries - 1, replace=False)]).astype(np.int64)
+    targets = np.full(length, IGNORE, dtype=np.int64)
     for q, needle in enumerate(asked):
-        tokens[p + 3 * q:p + 3 * q + 3] = QUERY, keys[needle], values[needle]
-        targets[p + 3 * q + 1] = values[needle]     # predicted at the query key's position
-    return Sample(tokens.astype(np.int64), targets, [np.array([p + 3 * q + 1]) for q in range(n_queries)],
-                  depth_of[asked], [bool(shown[q % len(shown)] == values[a]) for q, a in enumerate(asked)], spans,
-                  [int(row[a]) for a in asked])
+        p = hay_len + 3 * q
+        tokens[p:p + 3] = QUERY, keys[needle], values[needle]
+        targets[p + 1] = values[needle]             # predicted at the query key's position
+    return Sample(tokens.astype(np.int64), targets, [np.array([hay_len + 3 * q + 1]) for q in range(n_queries)],
+                  100.0 * starts[asked] / max(1, hay_len - 2),
+                  [bool(shown[q % len(shown)] == values[a]) for q, a in enumerate(asked)],
+                  np.stack([pair_starts, pair_starts + 2], 1), [int(row[a]) for a in asked])
 
 
 def make_sample(rng, length, n_needles, n_queries, vocab_size):
-    """A training sample (random haystack, multikey) as (tokens, targets, answer_pos, depths), numpy int64."""
-    s = make_token_sample(rng, length, n_needles, vocab_size, "multikey", "random", n_queries)
+    """A training sample (random haystack) as (tokens, targets, answer_pos, depths), numpy int64."""
+    s = make_token_sample(rng, length, n_needles, vocab_size, "random", n_queries)
     return s.tokens, s.targets, np.array([a[0] for a in s.answers], dtype=np.int64), s.depths
 
 
 def make_batch(seed, first_index, batch_size, length, vocab_size, domain=TRAIN, task="multikey",
                n_needles=None, needle_cap=32, query_cap=8):
-    """
-    Training samples first_index .. +batch_size as (idx, targets), LongTensors (B, length), on the random haystack
-    (binding keys is learned there; evaluation has distractors). Each draws its needle count from
-    1..min(needle_cap, length/16) and asks min(n, query_cap) of them (a fixed n_needles asks one).
-    """
+    """Training samples first_index .. +batch_size as (idx, targets), LongTensors (B, length), on the random haystack
+    (binding keys is learned there; evaluation has distractors). Each draws its needle count n from
+    1..min(needle_cap, length/16) and asks min(n, query_cap) of them (a fixed n_needles asks one)."""
     idx, targets = np.empty((2, batch_size, length), dtype=np.int64)
     lay = vocab_layout(vocab_size)
     most = min(lay["keys"][1] - lay["keys"][0], (length - 3) // 2)
@@ -198,22 +177,20 @@ def curriculum_length(it, max_iters, min_len, max_len):
 
 
 class TokenTask:
-    """The token task as an evaluation generator (the interface of TextTask); the haystack is checked per sample."""
+    """The token task as an evaluation generator (the interface of TextTask)."""
 
     def __init__(self, vocab_size, haystack="needle"):
         self.vocab_size, self.haystack, self.key = vocab_size, haystack, f"token/{haystack}"
+        self.chance = chance_accuracy(vocab_size)
         self.describe = {"task": "token", "haystack": haystack, "vocab_size": vocab_size, "tokenizer": None}
 
-    def sample(self, rng, length, n_needles, variant, n_queries, depth=None):
-        return make_token_sample(rng, length, n_needles, self.vocab_size, variant, self.haystack, n_queries, depth)
-
-    def chance(self, variant, n_needles):
-        return chance_accuracy(self.vocab_size, n_needles if variant == "multivalue" else 1)
+    def sample(self, rng, length, n_needles, n_queries, depth=None):
+        return make_token_sample(rng, length, n_needles, self.vocab_size, self.haystack, n_queries, depth)
 
 # -----------------------------------------------------------------------------
 # text task: needle sentences in prose, through a tokenizer
 
-TEXT_HAYSTACKS = ("needle", "essay", "noise")
+TEXT_HAYSTACKS = ("needle", "essay")
 WORDS = """able amber ancient bitter bold brave bright calm cheap clever cold crisp curious dark deep distant dry eager
 early empty exact fast fierce flat fresh frozen gentle giant golden green heavy hidden hollow honest icy keen kind large
 lazy light little loud lucky lunar magic mild misty modern narrow noble odd orange pale plain proud quick quiet rapid
@@ -223,7 +200,6 @@ island jacket kettle kite ladder lantern lemon lizard marble meadow mirror monke
 piano planet pond rabbit raven river rocket saddle salmon shadow shell statue temple tiger tower tulip valley violin
 whale willow""".split("|")
 ADJECTIVES, NOUNS = WORDS[0].split(), WORDS[1].split()
-NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 ESSAY = [p.split("|") for p in (          # a small grammar standing in for Paul Graham's essays (RULER's haystack)
     "Most founders|Good programmers|The best startups|Investors|Early users|Small teams|Big companies|Young hackers",
     "underestimate|learn a lot from|tend to ignore|care deeply about|depend on|slowly build|rarely change|notice",
@@ -232,19 +208,14 @@ ESSAY = [p.split("|") for p in (          # a small grammar standing in for Paul
     "| in the beginning| more than they admit| when money is tight| most of the time| for years")]
 
 
-def byte_encoding():
-    """A byte-level tiktoken encoding (256 single-byte tokens + <|endoftext|> = 256): offline, round-trips any text."""
-    import tiktoken
-    return tiktoken.Encoding(
-        name="bytes", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
-
-
 def load_encoder(name):
-    """"bytes" (built in) or a tiktoken encoding such as "gpt2" (from its cache, or downloaded once)."""
-    if name == "bytes":
-        return byte_encoding()
+    """A tiktoken encoding such as "gpt2" (from its cache, or downloaded once), or "bytes": built in, offline, the 256
+    single-byte tokens + <|endoftext|> = 256, round-trips any text."""
     import tiktoken
+    if name == "bytes":
+        return tiktoken.Encoding(
+            name="bytes", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+            mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:
@@ -264,25 +235,21 @@ class TextTask:
     def __init__(self, enc, haystack="needle", haystack_file=None):
         if haystack not in TEXT_HAYSTACKS:
             raise ValueError(f"unknown text haystack {haystack!r}; choose from {TEXT_HAYSTACKS}")
-        self.enc, self.haystack = enc, haystack
+        self.enc, self.haystack, self.chance = enc, haystack, 0.0      # a 7-digit number is not guessed
         rng = np.random.default_rng(zlib.crc32(b"essay pool"))         # the same essay in every run
-        pool = {"noise": NOISE, "needle": (), "essay": [
-            "{} {} {}{}.".format(*(p[rng.integers(len(p))] for p in ESSAY)) for _ in range(2000)]}[haystack]
+        pool = ["{} {} {}{}.".format(*(p[rng.integers(len(p))] for p in ESSAY)) for _ in range(2000)]
         if haystack_file is not None:
             with open(haystack_file, encoding="utf-8") as f:
                 pool = [s for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", f.read()).strip()) if s]
             if not pool:
                 raise ValueError(f"--haystack_file {haystack_file!r} has no sentences")
             self.haystack = "file:" + hashlib.sha256("\n".join(pool).encode()).hexdigest()[:12]
-        self.pool = [enc.encode(" " + s) for s in pool]                # empty: distractor needles instead
+        self.pool = [enc.encode(" " + s) for s in pool] if self.haystack != "needle" else []   # []: distractors
         name = getattr(enc, "name", type(enc).__name__)
         self.key = f"text/{name}/{self.haystack}/words/numbers"
         self.describe = {"task": "text", "haystack": self.haystack, "vocab_size": enc.n_vocab, "tokenizer": name,
                          "keys": "words", "values": "numbers"}
         self.spacer = next((s for s in (" the", " and", " a") if len(enc.encode(s)) == 1), " the")
-
-    def chance(self, variant, n_needles):
-        return 0.0                                  # a 7-digit number is not guessed
 
     def draw(self, rng, n, keys, exclude=()):
         """n distinct random keys (adjective-noun) or values (7-digit numbers), none in `exclude`."""
@@ -304,7 +271,7 @@ class TextTask:
             if not self.pool:                       # a distractor needle, with a key that is never asked
                 key, value = self.draw(rng, 1, True, exclude_keys)[0], self.draw(rng, 1, False)[0]
                 ids = self.enc.encode(f" The secret code for {key} is {value}.")
-            else:                                   # essay: random sentences; noise, files: consecutive ones
+            else:                                   # essay: random sentences; a file: consecutive ones
                 j = rng.integers(len(self.pool)) if self.haystack == "essay" else (start + i) % len(self.pool)
                 ids = self.pool[j]
             if total + len(ids) > budget:
@@ -312,61 +279,43 @@ class TextTask:
             out.append((ids, value))
             total += len(ids)
 
-    def sample(self, rng, length, n_needles, variant, n_queries, depth=None):
-        check_fits(10 ** 9, n_needles, 10 ** 9, variant, n_queries)
-        multivalue, encode = variant == "multivalue", self.enc.encode
-        keys, values = self.draw(rng, 1 if multivalue else n_needles, True), self.draw(rng, n_needles, False)
-        asked = [0] if multivalue else [int(a) for a in rng.choice(n_needles, size=n_queries, replace=False)]
-        needle_ids = [encode(f" The secret code for {k} is {v}.") for k, v in
-                      zip(keys * n_needles if multivalue else keys, values)]
-
-        def question(order):    # [(text, g)]: g = the queried value that a piece is the gold answer of, else None
-            if multivalue:      # the values in order of appearance (the length does not depend on the order)
-                answers = [", ".join(values[i] for i in order)]
-                return answers, [(f"\nThe {n_needles} secret codes for {keys[0]}, in order, are", None),
-                                 (" " + answers[0], 0)]
-            answers = [values[i] for i in asked]
-            return answers, [p for g, i in enumerate(asked) for p in (
-                (("." if g else "") + f"\nThe secret code for {keys[i]} is", None), (" " + values[i], g))]
-        budget = length - sum(len(encode(t)) for t, _ in question(range(n_needles))[1]) - sum(map(len, needle_ids))
+    def sample(self, rng, length, n_needles, n_queries, depth=None):
+        check_fits(10 ** 9, n_needles, n_queries)
+        encode = self.enc.encode
+        keys, values = self.draw(rng, n_needles, True), self.draw(rng, n_needles, False)
+        asked = [int(a) for a in rng.choice(n_needles, size=n_queries, replace=False)]
+        needles = [encode(f" The secret code for {k} is {v}.") for k, v in zip(keys, values)]
+        question = [(encode(("." if g else "") + f"\nThe secret code for {keys[i]} is"), encode(" " + values[i]))
+                    for g, i in enumerate(asked)]  # per query: its prompt and its gold answer
+        budget = length - sum(len(q) + len(a) for q, a in question) - sum(map(len, needles))
         if budget < 0:
             raise DoesNotFit(f"{n_needles} needles and the question do not fit in {length} tokens")
         sentences, left = self.haystack_ids(rng, budget, set(keys))
         one = encode(self.spacer)                   # a 1-token word repeated; a byte-level encoder cuts the text
-        context = one * left if len(one) == 1 else encode(self.spacer * left)[:left]
+        tokens = one * left if len(one) == 1 else encode(self.spacer * left)[:left]
         bounds = rng.integers(0, len(sentences) + 1, size=n_needles)
         if depth is not None:                       # the first queried needle at the boundary nearest depth
             bounds[asked[0]] = int(round(depth / 100 * len(sentences)))
-        order = sorted(range(n_needles), key=lambda j: (bounds[j], j != asked[0], j))
-        spans, shown, row, j = [], [], {}, 0
-        for i in range(len(sentences) + 1):
-            while j < n_needles and bounds[order[j]] == i:
-                row[order[j]] = len(spans)
-                spans.append((len(context), len(context) + len(needle_ids[order[j]])))
-                shown.append(values[order[j]])
-                context += needle_ids[order[j]]
-                j += 1
-            if i < len(sentences):
-                ids, value = sentences[i]
-                if value is not None:
-                    spans.append((len(context), len(context) + len(ids)))
-                    shown.append(value)
-                context += ids
-        answers, pieces = question(order)
-        tokens, targets, positions = list(context), np.full(length, IGNORE, dtype=np.int64), [[] for _ in answers]
-        for text, g in pieces:
-            ids = encode(text)
-            if g is not None:                       # the token at s + k is predicted at position s + k − 1
-                positions[g] += range(len(tokens) - 1, len(tokens) - 1 + len(ids))
-                targets[len(tokens) - 1:len(tokens) - 1 + len(ids)] = ids
+        pieces = [(ids, value, None) for ids, value in sentences]
+        for j in sorted(range(n_needles), key=lambda j: (bounds[j], j != asked[0], j), reverse=True):
+            pieces.insert(bounds[j], (needles[j], values[j], j))           # needle j before sentence bounds[j]
+        spans, shown, row = [], [], {}
+        for ids, value, j in pieces:
+            if value is not None:                   # a needle-like sentence: real (j) or distractor (None)
+                row[j] = len(spans)
+                spans.append((len(tokens), len(tokens) + len(ids)))
+                shown.append(value)
             tokens += ids
+        hay_len, targets, answers = len(tokens), np.full(length, IGNORE, dtype=np.int64), []
+        for q, a in question:                       # the token at s + k is predicted at position s + k − 1
+            answers.append(np.arange(len(tokens) + len(q) - 1, len(tokens) + len(q) - 1 + len(a)))
+            targets[answers[-1]] = a
+            tokens += q + a
         assert len(tokens) == length, (len(tokens), length)
-        shown_first = [order[0] if depth is None else asked[0]] if multivalue else asked
-        depths = [100.0 * spans[row[i]][0] / max(1, len(context) - len(needle_ids[i])) for i in shown_first]
-        copy = [", ".join(shown[:n_needles])] if multivalue else [shown[g % len(shown)] for g in range(len(answers))]
-        return Sample(np.array(tokens, dtype=np.int64), targets, [np.array(p, dtype=np.int64) for p in positions],
-                      np.array(depths), [c == a for c, a in zip(copy, answers)], np.array(spans).reshape(-1, 2),
-                      [row[i] for i in ([order[0]] if multivalue else asked)])
+        return Sample(np.array(tokens, dtype=np.int64), targets, answers,
+                      np.array([100.0 * spans[row[i]][0] / max(1, hay_len - len(needles[i])) for i in asked]),
+                      [shown[g % len(shown)] == values[i] for g, i in enumerate(asked)],
+                      np.array(spans).reshape(-1, 2), [row[i] for i in asked])
 
 # -----------------------------------------------------------------------------
 # scoring: teacher-forced exact match, logits only at the answer positions
@@ -525,7 +474,6 @@ def effective_length(accs, threshold=0.9):
 @dataclass(frozen=True)
 class EvalSpec:
     """What decides a cell's samples besides the task and the (length, needles) cell."""
-    variant: str = "multikey"
     queries: int = 1            # per sample: 1 = one question (RULER niah_multikey_1), more = packed (multiquery)
     depths: tuple = ()          # pinned depths in %, cycled over a cell's samples; () = uniform
     samples: int = 100
@@ -533,15 +481,15 @@ class EvalSpec:
     domain: int = EVAL
 
     def n_queries(self, n_needles):
-        return 1 if self.variant == "multivalue" else min(n_needles, self.queries)
+        return min(n_needles, self.queries)
 
 
 def cell_sample(task, spec, length, n_needles, index):
     """Sample `index` of a cell; its generator's key holds only what changes this sample."""
     q, depth = spec.n_queries(n_needles), spec.depths[index % len(spec.depths)] if spec.depths else None
-    rng = sample_rng(spec.seed, spec.domain, task.key, length, n_needles, index, spec.variant, q,
-                     0 if depth is None else 1 + round(depth * 1000))
-    return task.sample(rng, length, n_needles, spec.variant, q, depth)
+    rng = sample_rng(spec.seed, spec.domain, task.key, length, n_needles, index, "multikey", q,
+                     0 if depth is None else 1 + round(depth * 1000))     # "multikey": the task's name since v1
+    return task.sample(rng, length, n_needles, q, depth)
 
 
 def model_id(model, info=None):
@@ -567,7 +515,7 @@ def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu
     """
     fns = score_fns if isinstance(score_fns, (list, tuple)) else [score_fns]
     rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length,
-           "num_needles": n_needles, "acc": None, "chance": task.chance(spec.variant, n_needles),
+           "num_needles": n_needles, "acc": None, "chance": task.chance,
            "skipped_reason": None}
     t0, batch_size = time.time(), max(1, min(spec.samples, budget // length))
     results, probes, copier, depths, fingerprint = [[] for _ in fns], [[] for _ in fns], [], [], hashlib.sha256()
@@ -709,9 +657,9 @@ def write_heatmaps(doc, prefix):
         ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths], rotation=45)
         ax.set_yticks(range(len(bins)), [f"{b:g}" for b in bins])
         ax.set(xlabel="context length (tokens)", ylabel="depth of the queried needle (%)",
-               title=f"{meta.get('task')} {meta.get('variant')}, {meta.get('haystack')} haystack, {n} needles "
+               title=f"{meta.get('task')} task, {meta.get('haystack')} haystack, {n} needles "
                      "(teacher-forced exact match; n = values scored per depth bin)")
-        paths.append(f"{prefix}_{meta.get('task')}_{meta.get('variant')}_n{n}.png")
+        paths.append(f"{prefix}_{meta.get('task')}_n{n}.png")
         fig.tight_layout()
         fig.savefig(paths[-1])
         plt.close(fig)
@@ -763,9 +711,6 @@ def show_sample(path, models, names, sample, device="cpu"):
 # -----------------------------------------------------------------------------
 # command line
 
-PRESETS = {"lucid_mniah": {"needles": [2, 4, 6, 8, 10], "samples": 500, "lengths": [2048, 4096, 6144, 8192]}}
-DEFAULTS = {"needles": [1, 4, 16], "samples": 100, "lengths": [128, 512, 2048]}
-
 
 def typed(kind, convert, ok, many=False):
     """An argparse type: convert(text), which must satisfy ok(value); many = a comma-separated list of them."""
@@ -781,6 +726,7 @@ def typed(kind, convert, ok, many=False):
 
 
 def build_parser():
+    """The options; the paper's MNIAH setting is --needles 2,4,6,8,10 --samples 500 --lengths 2K,4K,6K,8K."""
     p = argparse.ArgumentParser(description="Needle retrieval accuracy of checkpoints (teacher-forced exact match) "
                                 "beside the key-blind copier and chance, with an attention probe.")
     count, add = typed("count (an integer >= 1)", int, lambda v: v >= 1), p.add_argument
@@ -788,17 +734,16 @@ def build_parser():
     add("--vs", help="a second checkpoint, evaluated on identical samples (paired comparison)")
     add("--attn", choices=("softmax", "lucid"), help="run --ckpt with this attention instead of its own")
     add("--task", choices=("token", "text"), default="token", help="token ids (default), or text through a tokenizer")
-    add("--preset", choices=sorted(PRESETS), help="lucid_mniah: the paper's MNIAH, 2-10 needles, 500 samples, 2K-8K")
-    add("--variant", choices=VARIANTS, default="multikey", help="what is asked (default multikey)")
     add("--queries", type=count, default=1, help="queries per sample (default 1; more = packed, RULER's multiquery)")
     add("--haystack", default="needle", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)}"
         " (default needle: distractor needles, no copy shortcut)")
-    add("--lengths", type=typed("length", parse_length, bool, True),
+    add("--lengths", type=typed("length", parse_length, bool, True), default=[128, 512, 2048],
         help="default 128,512,2K (CPU-sized; on a GPU e.g. 1K,...,128K)")
-    add("--needles", type=typed("needle count", int, lambda v: v >= 1, True), help="needle counts (default 1,4,16)")
-    add("--samples", type=count, help="samples per cell (default 100; ±5 points needs about 400)")
-    add("--depths", type=typed("depth", float, lambda v: 0 <= v <= 100, True), help="pin the queried needle's depth "
-        "%%, cycled over a cell's samples, e.g. 0,50,100 (default uniform)")
+    add("--needles", type=typed("needle count", int, lambda v: v >= 1, True), default=[1, 4, 16],
+        help="needle counts (default 1,4,16; the paper's MNIAH: 2,4,6,8,10 with --samples 500)")
+    add("--samples", type=count, default=100, help="samples per cell (default 100; ±5 points needs about 400)")
+    add("--depths", type=typed("depth", float, lambda v: 0 <= v <= 100, True), default=(), help="pin the queried "
+        "needle's depth %%, cycled over a cell's samples, e.g. 0,50,100 (default uniform)")
     add("--seed", type=typed("seed (an integer >= 0)", int, lambda v: v >= 0), default=0, help="seed of the samples")
     add("--probe", type=typed("probe count", int, lambda v: v >= 0), default=16,
         help="samples per cell whose attention is probed (default 16; 0 = off)")
@@ -813,11 +758,8 @@ def build_parser():
     return p
 
 
-def resolve_args(parser, args):
-    """Fill defaults (a preset first) and check the combination; errors go through parser.error (exit 2)."""
-    for name, value in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+def check_args(parser, args):
+    """The combinations argparse cannot check; errors go through parser.error (one line, exit 2)."""
     allowed = TOKEN_HAYSTACKS if args.task == "token" else TEXT_HAYSTACKS
     if args.haystack not in allowed:
         parser.error(f"--haystack {args.haystack!r} is not a {args.task} haystack; choose from {allowed}")
@@ -833,7 +775,7 @@ def resolve_args(parser, args):
 
 def main(argv=None):
     parser = build_parser()
-    args = resolve_args(parser, parser.parse_args(argv))
+    args = check_args(parser, parser.parse_args(argv))
     from model import load_model
     names = [args.ckpt] + ([args.vs] if args.vs else [])
     try:                                            # a missing or truncated checkpoint: one line, no traceback
@@ -848,7 +790,7 @@ def main(argv=None):
             if enc.n_vocab > vocab:
                 raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model only {vocab}")
             task = TextTask(enc, args.haystack, args.haystack_file)
-        spec = EvalSpec(args.variant, args.queries, tuple(args.depths or ()), args.samples, args.seed)
+        spec = EvalSpec(args.queries, tuple(args.depths), args.samples, args.seed)
         if args.show:
             sample = cell_sample(task, spec, args.lengths[0], args.needles[0], 0)
             return print(f"wrote {show_sample(args.show, [m for m, _ in models], names, sample, args.device)}")
@@ -863,14 +805,13 @@ def main(argv=None):
               "train_len": m.config.block_size} for n, (m, info) in zip(names, models)]
     meta = {"model": metas[0], "vs_model": metas[1] if args.vs else None, "dtype": dtype, "device": args.device,
             "budget": budget, "command": sys.argv[1:] if argv is None else list(argv)}
-    print(f"{args.task} {args.variant}, {args.haystack} haystack, {spec.queries} queries per sample, {args.samples} "
-          f"samples per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}"
+    print(f"{args.task} task, {args.haystack} haystack, {spec.queries} queries per sample, {args.samples} samples "
+          f"per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}"
           + ("; Δ = first − second per sample (right iff all its values are), 95% bootstrap CI, McNemar p"
              if args.vs else ""))
     doc = run_grid(scorers, task, spec, args.lengths, args.needles, args.out, [m["id"] for m in metas], meta, budget,
                    args.device, args.probe)
     results = {(c["length"], c["num_needles"]): c for c in doc["cells"]}
-    chance = ", ".join(sorted({f"{100 * c['chance']:.2g}%" for c in doc["cells"]}))
     tables = [("key-blind copier (ignores the key, copies the first needle-like values it saw)", "copier", None)]
     second = (lambda c: c["vs"]["acc"], lambda c: c["vs"]["probe"]["hit"])
     tables += [(f"{n} ({m['attention']})", key, 0.9) for n, m, key in zip(names, metas, ("acc", second[0]))]
@@ -878,7 +819,7 @@ def main(argv=None):
         tables += [(f"attention hit of {n}, % (the best head's mass on the matching needle, {args.probe} samples)",
                     key, None) for n, key in zip(names, (lambda c: c["probe"]["hit"], second[1]))]
     print(f"\nteacher-forced exact match, % ({args.samples} samples per cell, {args.haystack} haystack); "
-          f"uniform chance {chance}")
+          f"uniform chance {100 * task.chance:.2g}%")
     for title, key, threshold in tables:
         print(f"\n{title}:\n{format_table(results, sorted(args.lengths), sorted(args.needles), threshold, key)}")
     for path in write_heatmaps(doc, os.path.splitext(args.out)[0]) if args.out else []:
