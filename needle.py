@@ -224,13 +224,11 @@ def load_encoder(name):
 
 
 class TextTask:
-    """
-    `context + question + answer`, exactly `length` tokens of `enc`, from id lists: haystack sentences encoded once
+    """`context + question + answer`, exactly `length` tokens of `enc`, from id lists: haystack sentences encoded once
     as " " + sentence, needle sentences "The secret code for <key> is <value>." at sentence boundaries (keys are
     adjective-noun pairs, values 7-digit numbers), queries "\nThe secret code for <key> is" and the answer " <value>".
     Every piece starts where GPT-2's pre-tokenizer cuts anyway (a space-prefixed word, a newline, punctuation), so the
-    ids equal the encoding of the text (tested).
-    """
+    ids equal the encoding of the text (tested)."""
 
     def __init__(self, enc, haystack="needle", haystack_file=None):
         if haystack not in TEXT_HAYSTACKS:
@@ -322,10 +320,8 @@ class TextTask:
 
 
 class ModelScorer:
-    """
-    score_fn(idx (B, T), positions (B, P)) -> logits (B, P, V) of a model.py GPT: lm_head only at the asked rows (full
-    logits at 128K with V = 50,304 would be 12 GB in bf16); above chunk_threshold tokens the prefill is chunked.
-    """
+    """score_fn(idx (B, T), positions (B, P)) -> logits (B, P, V) of a model.py GPT: lm_head only at the asked rows
+    (full logits at 128K with V = 50,304 would be 12 GB in bf16); above chunk_threshold tokens prefill is chunked."""
 
     def __init__(self, model, chunk_threshold=16384, chunk_size=8192, autocast_dtype=None):
         self.model, self.chunk_threshold, self.chunk_size = model, chunk_threshold, chunk_size
@@ -367,11 +363,9 @@ def score_samples(score_fn, samples, device="cpu"):
 
 @torch.no_grad()
 def attention_probe(model, idx, rows, lucid_rows=None):
-    """
-    Per layer, the attention probabilities (B, H, R, T) of the query positions rows (B, R): softmax(q·k/√d), causal,
-    with q, k recomputed from what each attention module received. For LUCID they weight V' = L⁻¹V; with lucid_rows
-    (B, R') it also returns, per LUCID layer, those rows of L⁻¹ (B, Hkv, R', T).
-    """
+    """Per layer, the attention probabilities (B, H, R, T) of the query positions rows (B, R): softmax(q·k/√d),
+    causal, with q, k recomputed from what each attention module received. For LUCID they weight V' = L⁻¹V; with
+    lucid_rows (B, R') it also returns, per LUCID layer, those rows of L⁻¹ (B, Hkv, R', T)."""
     import lucid
     from model import apply_rope
     inputs = []
@@ -457,16 +451,6 @@ def cell_stats(correct, copier):
     return {"n_samples": n, "n_values": n_values, "acc": acc, "ci95": list(wilson(acc, n)),
             "all_correct": sum(all(c) for c in correct) / max(1, n), "copier": sum(map(sum, copier)) / max(1, n_values)}
 
-
-def effective_length(accs, threshold=0.9):
-    """The largest L with acc >= threshold at every length <= L; accs is [(length, acc or None)]; 0 if none."""
-    best = 0
-    for length, acc in sorted(accs):
-        if acc is None or acc < threshold:
-            break
-        best = length
-    return best
-
 # -----------------------------------------------------------------------------
 # evaluation: cells, grids, resume
 
@@ -508,11 +492,9 @@ def cell_hash(task, spec, length, n_needles, ids=(), probe=0):
 
 
 def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu", ids=(), probe=0):
-    """
-    One (length, needles) cell for one score_fn or a list (all on identical samples; a second is compared with the
+    """One (length, needles) cell for one score_fn or a list (all on identical samples; a second is compared with the
     first), in batches of max(1, budget // length) samples; the first `probe` samples are probed for every score_fn
-    with a .model. A cell whose needles do not fit has acc None and a skipped_reason.
-    """
+    with a .model. A cell whose needles do not fit has acc None and a skipped_reason."""
     fns = score_fns if isinstance(score_fns, (list, tuple)) else [score_fns]
     rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length,
            "num_needles": n_needles, "acc": None, "chance": task.chance,
@@ -551,10 +533,8 @@ def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu
 
 def run_grid(score_fns, task, spec, lengths, needle_counts, out=None, ids=(), meta=None, budget=16384,
              device="cpu", probe=0, log=print):
-    """
-    Every (length, needles) cell, short to long; returns the result document. With `out` the JSON is rewritten after
-    every cell (temporary file + rename: always valid), and cells whose hash an existing `out` holds are reused.
-    """
+    """Every (length, needles) cell, short to long; returns the result document. With `out` the JSON is rewritten after
+    every cell (temporary file + rename: always valid), and cells whose hash an existing `out` holds are reused."""
     started, done = time.time(), {}
     if out and os.path.exists(out):
         with open(out) as f:
@@ -608,23 +588,24 @@ def parse_length(text):
 
 
 def format_table(results, lengths, needle_counts, threshold=0.9, key="acc"):
-    """
-    Rows needle counts, columns lengths, cells in % (— if skipped), rows ending with the effective length unless
-    threshold is None. results maps (length, needles) to a number, None, or a cell record, from which `key`
-    ("acc", "copier", ...) or key(record) is shown.
-    """
+    """Rows needle counts, columns lengths (ascending), cells in % (— if skipped); with a threshold each row ends with
+    the effective length, the largest L with value >= threshold at every length <= L. results maps (length, needles)
+    to a number, None, or a cell record, from which `key` ("acc", "copier") or key(record) is shown."""
     def value(r):
-        if not isinstance(r, dict) or r["acc"] is None:
-            return None if isinstance(r, dict) else r
-        return key(r) if callable(key) else r[key]
-    lines = ["needles | " + " | ".join(f"{length_label(L):>6}" for L in lengths) + (f" | eff@{threshold:g}"
-                                                                                    if threshold else "")]
+        if isinstance(r, dict):
+            return None if r["acc"] is None else key(r) if callable(key) else r[key]
+        return r
+    lines = ["needles | " + " | ".join(f"{length_label(L):>6}" for L in lengths)
+             + (f" | eff@{threshold:g}" if threshold else "")]
     for n in needle_counts:
         cells = [value(results.get((L, n))) for L in lengths]
-        eff = effective_length(list(zip(lengths, cells)), threshold or 1)
-        eff = "—" if all(a is None for a in cells) else length_label(eff) if eff else f"<{length_label(min(lengths))}"
-        lines.append(f"{n:>7} | " + " | ".join("     —" if a is None else f"{100 * a:6.1f}" for a in cells)
-                     + (f" | {eff:>6}" if threshold else ""))
+        lines.append(f"{n:>7} | " + " | ".join("     —" if a is None else f"{100 * a:6.1f}" for a in cells))
+        if threshold:
+            ok = 0                                  # lengths passed in a row, from the shortest
+            while ok < len(cells) and cells[ok] is not None and cells[ok] >= threshold:
+                ok += 1
+            eff = length_label(lengths[ok - 1]) if ok else f"<{length_label(lengths[0])}"
+            lines[-1] += f" | {'—' if all(a is None for a in cells) else eff:>6}"
     return "\n".join(lines)
 
 
@@ -667,12 +648,10 @@ def write_heatmaps(doc, prefix):
 
 
 def show_sample(path, models, names, sample, device="cpu"):
-    """
-    One figure for one sample. Rows: layer and head. Columns: each model's attention from the position that predicts
+    """One figure for one sample. Rows: layer and head. Columns: each model's attention from the position that predicts
     the first queried value, over all positions (the queried needle in green); for a LUCID model also the row of L⁻¹
     at the queried needle's value, zoomed in: V' there = Σ_j L⁻¹[r, j]·v_j, i.e. how much of each earlier value the
-    preconditioning subtracts (shared by the query heads of one KV head).
-    """
+    preconditioning subtracts (shared by the query heads of one KV head)."""
     plt = pyplot()
     if plt is None:
         raise ValueError("--show needs matplotlib (pip install matplotlib)")
