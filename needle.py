@@ -496,9 +496,8 @@ def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu
     first), in batches of max(1, budget // length) samples; the first `probe` samples are probed for every score_fn
     with a .model. A cell whose needles do not fit has acc None and a skipped_reason."""
     fns = score_fns if isinstance(score_fns, (list, tuple)) else [score_fns]
-    rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length,
-           "num_needles": n_needles, "acc": None, "chance": task.chance,
-           "skipped_reason": None}
+    rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length, "num_needles": n_needles,
+           "acc": None, "chance": task.chance, "skipped_reason": None}
     t0, batch_size = time.time(), max(1, min(spec.samples, budget // length))
     results, probes, copier, depths, fingerprint = [[] for _ in fns], [[] for _ in fns], [], [], hashlib.sha256()
     for first in range(0, spec.samples, batch_size):
