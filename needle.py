@@ -3,10 +3,10 @@ Synthetic needle retrieval: the training data of this repo and its long-context 
 
 Token task: a haystack with n needles `k v` (a key token, then its value token), then queries `Q k v`; the model must
 produce the value that followed k. Ids: 0..7 reserved (PAD = 0, QUERY = 1), then filler (half the rest), keys and
-values (a quarter each). Haystacks: `needle` (default: distractor `k v` pairs whose keys are never asked), `random`
-filler, a `repeat`ed period. Only `needle` has no shortcut: elsewhere a model that ignores the key and copies the
-first value it saw is right with one needle, so every cell reports that key-blind copier's accuracy on its own
-samples beside uniform chance. Text task: the same through a tiktoken encoder, needle sentences in prose.
+values (a quarter each). Haystacks: `needle` (default: distractor `k v` pairs whose keys are never asked) or `random`
+filler. Only `needle` has no shortcut: on `random` a model that ignores the key and copies the first value it saw is
+right with one needle, so every cell reports that key-blind copier's accuracy on its own samples beside uniform
+chance. Text task: the same through a tiktoken encoder, needle sentences in prose.
 
 A sample's generator is keyed by (seed, domain, task, length, needles, index) and what else shapes that sample, so
 batch size, order and other cells never change it; domains: 0 training, 1 this command line, 2 train.py's validation.
@@ -20,7 +20,6 @@ discordant samples, Δ of the per-sample rates with a bootstrap interval over sa
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import math
@@ -28,7 +27,6 @@ import os
 import re
 import sys
 import time
-import uuid
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -39,9 +37,7 @@ NEEDLE_VERSION = 2          # bump when the samples drawn for existing arguments
 PAD, QUERY, N_RESERVED = 0, 1, 8
 TRAIN, EVAL, VALID = 0, 1, 2    # seed domains: training batches, needle.py's command line, train.py's validation
 IGNORE = -100               # target of positions that are not scored
-VARIANTS = ("single", "multikey", "multivalue")
-TOKEN_HAYSTACKS = ("needle", "random", "repeat")
-REPEAT_PERIOD = (20, 25)    # the `repeat` haystack's period, about the length of RULER's noise sentences
+TOKEN_HAYSTACKS = ("needle", "random")
 
 
 class DoesNotFit(ValueError):
@@ -53,11 +49,11 @@ class Sample:
     """One sequence of exactly `length` tokens and what is scored in it."""
     tokens: np.ndarray      # (T,) int64
     targets: np.ndarray     # (T,) the token to predict at position p (the next token), IGNORE where not scored
-    answers: list           # per queried value: the positions whose predictions must all be right
-    depths: np.ndarray      # per queried value: depth in % of its needle (multivalue: the pinned or first one)
-    copier: list            # per queried value: is the key-blind copier right (query g -> the g-th pair's value)
+    answers: list           # per query: the positions whose predictions must all be right (its value's tokens)
+    depths: np.ndarray      # per query: depth in % of its needle in the haystack
+    copier: list            # per query: is the key-blind copier right (query g -> the g-th needle-like pair's value)
     spans: np.ndarray = None    # (N, 2) [start, end) of every needle-like pair or sentence, in order of appearance
-    asked: list = None          # per queried value: the row of `spans` of the needle of its first answer token
+    asked: list = None          # per query: the row of `spans` of its needle
 
 # -----------------------------------------------------------------------------
 # token task
@@ -72,10 +68,10 @@ def vocab_layout(vocab_size):
             "values": (vocab_size - n, vocab_size)}
 
 
-def chance_accuracy(vocab_size, n_values=1):
-    """Accuracy of guessing each of n_values value tokens uniformly."""
+def chance_accuracy(vocab_size):
+    """Accuracy of guessing a value token uniformly."""
     lo, hi = vocab_layout(vocab_size)["values"]
-    return (1.0 / (hi - lo)) ** n_values
+    return 1.0 / (hi - lo)
 
 
 def sample_rng(seed, domain, task, length, n_needles, index, *extra):
@@ -84,37 +80,22 @@ def sample_rng(seed, domain, task, length, n_needles, index, *extra):
     return np.random.default_rng([seed, domain, zlib.crc32(task.encode()), length, n_needles, index] + extra)
 
 
-def capacity_error(length, n_needles, vocab_size, variant="multikey", n_queries=1, haystack="random"):
-    """Why these needles cannot fit a token sample (a sentence), or None."""
-    lay = vocab_layout(vocab_size)
-    n_k, n_w = lay["keys"][1] - lay["keys"][0], lay["values"][1] - lay["values"][0]
-    if variant not in VARIANTS:
-        return f"unknown variant {variant!r}; choose from {VARIANTS}"
-    if variant == "single" and n_needles != 1:
-        return f"the single variant has exactly 1 needle, got {n_needles}"
-    if variant != "multivalue" and not 1 <= n_queries <= n_needles:
-        return f"need 1 <= queries <= needles, got {n_queries} queries, {n_needles} needles"
-    suffix, keys_needed = (2 + n_needles, 1) if variant == "multivalue" else (3 * n_queries, n_needles)
-    spare = haystack == "needle"                    # distractors need at least one unused key and value
-    if keys_needed + spare > n_k or n_needles + spare > n_w:
-        return (f"{n_needles} needles need {keys_needed + spare} distinct keys and {n_needles + spare} distinct "
-                f"values; vocab_size {vocab_size} has {n_k} and {n_w}")
-    room = length - suffix
-    if 2 * n_needles > room - (room % 2 if haystack == "needle" else 0):
-        return f"{n_needles} needles and {n_queries} queries do not fit in length {length}"
-
-
-def check(reason):
-    if reason:
-        raise (ValueError if reason.startswith("unknown") else DoesNotFit)(reason)
+def check_fits(length, n_needles, n_queries, n_ids=10 ** 9, pairs=False):
+    """DoesNotFit unless n_queries of n_needles needles fit: n_ids distinct keys and values, 2-token needles in the
+    haystack before 3-token queries (on a 2-token grid if pairs, with a spare key and value for the distractors)."""
+    room = length - 3 * n_queries
+    if not 1 <= n_queries <= n_needles:
+        raise DoesNotFit(f"need 1 <= queries <= needles, got {n_queries} queries, {n_needles} needles")
+    if n_needles + pairs > n_ids:
+        raise DoesNotFit(f"{n_needles} needles need {n_needles + pairs} distinct keys and values; there are {n_ids}")
+    if 2 * n_needles > room - (room % 2 if pairs else 0):
+        raise DoesNotFit(f"{n_needles} needles and {n_queries} queries do not fit in length {length}")
 
 
 def place_needles(rng, haystack_len, n, unit=1, depth=None):
-    """
-    Sorted starts of n non-overlapping 2-token needles in [0, haystack_len) on a grid of `unit` tokens (sorted gaps:
-    every arrangement equally likely), and the index of the pinned needle: with `depth` the other n − 1 are placed
-    first and the pinned one is inserted within ±1 token of depth% · (haystack_len − 2).
-    """
+    """Sorted starts of n non-overlapping 2-token needles in [0, haystack_len) on a grid of `unit` tokens (sorted
+    gaps: every arrangement equally likely), and the index of the pinned needle: with `depth` the other n − 1 are
+    placed first and the pinned one is inserted within ±1 token of depth% · (haystack_len − 2)."""
     slots, width = haystack_len // unit, 2 // unit
     if depth is None:
         return unit * (np.sort(rng.integers(0, slots - width * n + 1, size=n)) + width * np.arange(n)), None
@@ -130,69 +111,54 @@ def place_needles(rng, haystack_len, n, unit=1, depth=None):
     return unit * np.insert(others, pinned, p), pinned
 
 
-def make_token_sample(rng, length, n_needles, vocab_size, variant="multikey", haystack="random", n_queries=1,
-                      depth=None):
-    """One token sample: `[haystack with needles] [Q k v] ...` (multivalue: one `[Q k v1 .. vm]`, values in order of
-    appearance). `depth` (%) pins the first queried needle."""
+def make_token_sample(rng, length, n_needles, vocab_size, haystack="random", n_queries=1, depth=None):
+    """One token sample `[haystack with needles] [Q k v] * n_queries`; `depth` (%) pins the first queried needle."""
     if haystack not in TOKEN_HAYSTACKS:
         raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
-    check(capacity_error(length, n_needles, vocab_size, variant, n_queries, haystack))
     lay = vocab_layout(vocab_size)
-    multivalue = variant == "multivalue"
-    hay_len = length - (2 + n_needles if multivalue else 3 * n_queries)
+    check_fits(length, n_needles, n_queries, lay["keys"][1] - lay["keys"][0], haystack == "needle")
+    hay_len = length - 3 * n_queries
     # the draws below, in this order, are the training data: do not reorder them
     tokens = rng.integers(*lay["filler"], size=length) if haystack == "random" else None
-    keys = rng.choice(np.arange(*lay["keys"]), size=1 if multivalue else n_needles, replace=False)
+    keys = rng.choice(np.arange(*lay["keys"]), size=n_needles, replace=False)
     values = rng.choice(np.arange(*lay["values"]), size=n_needles, replace=False)
-    if haystack == "repeat":
-        period = rng.integers(*lay["filler"], size=int(rng.integers(REPEAT_PERIOD[0], REPEAT_PERIOD[1] + 1)))
-        tokens = np.resize(period, length)
-    elif haystack == "needle":                      # distractor pairs: unused keys with values no real key has
+    if haystack == "needle":                        # distractor pairs: unused keys with values no real key has
         tokens = rng.integers(*lay["filler"], size=length)
         pairs = length // 2
         tokens[0:2 * pairs:2] = rng.choice(np.setdiff1d(np.arange(*lay["keys"]), keys), size=pairs)
         tokens[1:2 * pairs:2] = rng.choice(np.setdiff1d(np.arange(*lay["values"]), values), size=pairs)
     starts, pinned = place_needles(rng, hay_len, n_needles, 2 if haystack == "needle" else 1, depth)
-    tokens[starts], tokens[starts + 1] = (np.repeat(keys, n_needles) if multivalue else keys), values
+    tokens[starts], tokens[starts + 1] = keys, values
     pair_starts = 2 * np.arange(hay_len // 2) if haystack == "needle" else starts
-    spans = np.stack([pair_starts, pair_starts + 2], 1)
     row = np.searchsorted(pair_starts, starts)      # the spans row of each real needle
     shown = tokens[pair_starts + 1]                 # values of the needle-like pairs, in order of appearance
-    targets = np.full(length, IGNORE, dtype=np.int64)
-    depth_of = 100.0 * starts / max(1, hay_len - 2)
-    p = hay_len
-    if multivalue:
-        tokens[p], tokens[p + 1], tokens[p + 2:p + 2 + n_needles] = QUERY, keys[0], values
-        targets[p + 1:p + 1 + n_needles] = values
-        return Sample(tokens.astype(np.int64), targets, [np.arange(p + 1, p + 1 + n_needles)],
-                      depth_of[[0 if pinned is None else pinned]], [bool(np.array_equal(shown[:n_needles], values))],
-                      spans, [int(row[0])])
     if pinned is None:
         asked = rng.choice(n_needles, size=n_queries, replace=False)
     else:
         rest = np.delete(np.arange(n_needles), pinned)
         asked = np.concatenate([[pinned], rng.choice(rest, size=n_queries - 1, replace=False)]).astype(np.int64)
+    targets = np.full(length, IGNORE, dtype=np.int64)
     for q, needle in enumerate(asked):
-        tokens[p + 3 * q:p + 3 * q + 3] = QUERY, keys[needle], values[needle]
-        targets[p + 3 * q + 1] = values[needle]     # predicted at the query key's position
-    return Sample(tokens.astype(np.int64), targets, [np.array([p + 3 * q + 1]) for q in range(n_queries)],
-                  depth_of[asked], [bool(shown[q % len(shown)] == values[a]) for q, a in enumerate(asked)], spans,
-                  [int(row[a]) for a in asked])
+        p = hay_len + 3 * q
+        tokens[p:p + 3] = QUERY, keys[needle], values[needle]
+        targets[p + 1] = values[needle]             # predicted at the query key's position
+    return Sample(tokens.astype(np.int64), targets, [np.array([hay_len + 3 * q + 1]) for q in range(n_queries)],
+                  100.0 * starts[asked] / max(1, hay_len - 2),
+                  [bool(shown[q % len(shown)] == values[a]) for q, a in enumerate(asked)],
+                  np.stack([pair_starts, pair_starts + 2], 1), [int(row[a]) for a in asked])
 
 
 def make_sample(rng, length, n_needles, n_queries, vocab_size):
-    """A training sample (random haystack, multikey) as (tokens, targets, answer_pos, depths), numpy int64."""
-    s = make_token_sample(rng, length, n_needles, vocab_size, "multikey", "random", n_queries)
+    """A training sample (random haystack) as (tokens, targets, answer_pos, depths), numpy int64."""
+    s = make_token_sample(rng, length, n_needles, vocab_size, "random", n_queries)
     return s.tokens, s.targets, np.array([a[0] for a in s.answers], dtype=np.int64), s.depths
 
 
 def make_batch(seed, first_index, batch_size, length, vocab_size, domain=TRAIN, task="multikey",
                n_needles=None, needle_cap=32, query_cap=8):
-    """
-    Training samples first_index .. +batch_size as (idx, targets), LongTensors (B, length), on the random haystack
-    (binding keys is learned there; evaluation has distractors). Each draws its needle count from
-    1..min(needle_cap, length/16) and asks min(n, query_cap) of them (a fixed n_needles asks one).
-    """
+    """Training samples first_index .. +batch_size as (idx, targets), LongTensors (B, length), on the random haystack
+    (binding keys is learned there; evaluation has distractors). Each draws its needle count n from
+    1..min(needle_cap, length/16) and asks min(n, query_cap) of them (a fixed n_needles asks one)."""
     idx, targets = np.empty((2, batch_size, length), dtype=np.int64)
     lay = vocab_layout(vocab_size)
     most = min(lay["keys"][1] - lay["keys"][0], (length - 3) // 2)
@@ -214,23 +180,17 @@ class TokenTask:
     """The token task as an evaluation generator (the interface of TextTask)."""
 
     def __init__(self, vocab_size, haystack="needle"):
-        if haystack not in TOKEN_HAYSTACKS:
-            raise ValueError(f"unknown token haystack {haystack!r}; choose from {TOKEN_HAYSTACKS}")
-        vocab_layout(vocab_size)
         self.vocab_size, self.haystack, self.key = vocab_size, haystack, f"token/{haystack}"
+        self.chance = chance_accuracy(vocab_size)
         self.describe = {"task": "token", "haystack": haystack, "vocab_size": vocab_size, "tokenizer": None}
 
-    def sample(self, rng, length, n_needles, variant, n_queries, depth=None):
-        return make_token_sample(rng, length, n_needles, self.vocab_size, variant, self.haystack, n_queries, depth)
-
-    def chance(self, variant, n_needles):
-        return chance_accuracy(self.vocab_size, n_needles if variant == "multivalue" else 1)
+    def sample(self, rng, length, n_needles, n_queries, depth=None):
+        return make_token_sample(rng, length, n_needles, self.vocab_size, self.haystack, n_queries, depth)
 
 # -----------------------------------------------------------------------------
 # text task: needle sentences in prose, through a tokenizer
 
-TEXT_HAYSTACKS = ("needle", "essay", "noise")
-TEXT_KINDS = ("words", "numbers", "uuids")   # what keys and values are made of
+TEXT_HAYSTACKS = ("needle", "essay")
 WORDS = """able amber ancient bitter bold brave bright calm cheap clever cold crisp curious dark deep distant dry eager
 early empty exact fast fierce flat fresh frozen gentle giant golden green heavy hidden hollow honest icy keen kind large
 lazy light little loud lucky lunar magic mild misty modern narrow noble odd orange pale plain proud quick quiet rapid
@@ -240,7 +200,6 @@ island jacket kettle kite ladder lantern lemon lizard marble meadow mirror monke
 piano planet pond rabbit raven river rocket saddle salmon shadow shell statue temple tiger tower tulip valley violin
 whale willow""".split("|")
 ADJECTIVES, NOUNS = WORDS[0].split(), WORDS[1].split()
-NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 ESSAY = [p.split("|") for p in (          # a small grammar standing in for Paul Graham's essays (RULER's haystack)
     "Most founders|Good programmers|The best startups|Investors|Early users|Small teams|Big companies|Young hackers",
     "underestimate|learn a lot from|tend to ignore|care deeply about|depend on|slowly build|rarely change|notice",
@@ -249,19 +208,14 @@ ESSAY = [p.split("|") for p in (          # a small grammar standing in for Paul
     "| in the beginning| more than they admit| when money is tight| most of the time| for years")]
 
 
-def byte_encoding():
-    """A byte-level tiktoken encoding (256 single-byte tokens + <|endoftext|> = 256): offline, round-trips any text."""
-    import tiktoken
-    return tiktoken.Encoding(
-        name="bytes", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
-
-
 def load_encoder(name):
-    """"bytes" (built in) or a tiktoken encoding such as "gpt2" (from its cache, or downloaded once)."""
-    if name == "bytes":
-        return byte_encoding()
+    """A tiktoken encoding such as "gpt2" (from its cache, or downloaded once), or "bytes": built in, offline, the 256
+    single-byte tokens + <|endoftext|> = 256, round-trips any text."""
     import tiktoken
+    if name == "bytes":
+        return tiktoken.Encoding(
+            name="bytes", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+            mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:
@@ -270,55 +224,39 @@ def load_encoder(name):
 
 
 class TextTask:
-    """
-    `context + question + answer`, exactly `length` tokens of `enc`, from id lists: haystack sentences encoded once
-    as " " + sentence, needle sentences "The secret code for <key> is <value>." at sentence boundaries, queries
-    "\nThe secret code for <key> is" and the answer " <value>". Every piece starts where GPT-2's pre-tokenizer cuts
-    anyway (a space-prefixed word, a newline, punctuation), so the ids equal the encoding of the text (tested).
-    """
+    """`context + question + answer`, exactly `length` tokens of `enc`, from id lists: haystack sentences encoded once
+    as " " + sentence, needle sentences "The secret code for <key> is <value>." at sentence boundaries (keys are
+    adjective-noun pairs, values 7-digit numbers), queries "\nThe secret code for <key> is" and the answer " <value>".
+    Every piece starts where GPT-2's pre-tokenizer cuts anyway (a space-prefixed word, a newline, punctuation), so the
+    ids equal the encoding of the text (tested)."""
 
-    def __init__(self, enc, haystack="needle", keys="words", values="numbers", haystack_file=None):
-        for name, value, allowed in (("haystack", haystack, TEXT_HAYSTACKS), ("keys", keys, TEXT_KINDS),
-                                     ("values", values, TEXT_KINDS)):
-            if value not in allowed:
-                raise ValueError(f"unknown text {name} {value!r}; choose from {allowed}")
-        if not all(hasattr(enc, a) for a in ("encode", "decode", "n_vocab")):
-            raise ValueError("the encoder needs encode, decode and n_vocab")
-        self.enc, self.haystack, self.keys, self.values, self._ids = enc, haystack, keys, values, {}
+    def __init__(self, enc, haystack="needle", haystack_file=None):
+        if haystack not in TEXT_HAYSTACKS:
+            raise ValueError(f"unknown text haystack {haystack!r}; choose from {TEXT_HAYSTACKS}")
+        self.enc, self.haystack, self.chance = enc, haystack, 0.0      # a 7-digit number is not guessed
         rng = np.random.default_rng(zlib.crc32(b"essay pool"))         # the same essay in every run
-        self.pool = {"noise": list(NOISE), "needle": None, "essay": [
-            "{} {} {}{}.".format(*(p[rng.integers(len(p))] for p in ESSAY)) for _ in range(2000)]}[haystack]
+        pool = ["{} {} {}{}.".format(*(p[rng.integers(len(p))] for p in ESSAY)) for _ in range(2000)]
         if haystack_file is not None:
             with open(haystack_file, encoding="utf-8") as f:
-                self.pool = [s for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", f.read()).strip()) if s]
-            if not self.pool:
+                pool = [s for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", f.read()).strip()) if s]
+            if not pool:
                 raise ValueError(f"--haystack_file {haystack_file!r} has no sentences")
-            self.haystack = "file:" + hashlib.sha256("\n".join(self.pool).encode()).hexdigest()[:12]
+            self.haystack = "file:" + hashlib.sha256("\n".join(pool).encode()).hexdigest()[:12]
+        self.pool = [enc.encode(" " + s) for s in pool] if self.haystack != "needle" else []   # []: distractors
         name = getattr(enc, "name", type(enc).__name__)
-        self.key = f"text/{name}/{self.haystack}/{keys}/{values}"
+        self.key = f"text/{name}/{self.haystack}/words/numbers"
         self.describe = {"task": "text", "haystack": self.haystack, "vocab_size": enc.n_vocab, "tokenizer": name,
-                         "keys": keys, "values": values}
+                         "keys": "words", "values": "numbers"}
         self.spacer = next((s for s in (" the", " and", " a") if len(enc.encode(s)) == 1), " the")
 
-    def chance(self, variant, n_needles):
-        return 0.0                                  # a 7-digit number or a uuid is not guessed
-
-    def encode(self, text, cache=True):
-        if not cache:
-            return self.enc.encode(text)
-        if text not in self._ids:
-            self._ids[text] = self.enc.encode(text)
-        return self._ids[text]
-
-    def draw(self, rng, kind, n, exclude=()):
-        """n distinct random keys or values of a kind, none in `exclude`."""
+    def draw(self, rng, n, keys, exclude=()):
+        """n distinct random keys (adjective-noun) or values (7-digit numbers), none in `exclude`."""
         out = []
         while len(out) < n:
-            if kind == "words":
+            if keys:
                 item = f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}"
             else:
-                item = str(int(rng.integers(10 ** 6, 10 ** 7))) if kind == "numbers" else str(
-                    uuid.UUID(bytes=rng.bytes(16), version=4))
+                item = str(int(rng.integers(10 ** 6, 10 ** 7)))
             if item not in out and item not in exclude:
                 out.append(item)
         return out
@@ -328,97 +266,74 @@ class TextTask:
         out, total, start = [], 0, int(rng.integers(len(self.pool))) if self.pool else 0
         for i in range(budget + 1):
             value = None
-            if self.pool is None:                   # a distractor needle, with a key that is never asked
-                key, value = self.draw(rng, self.keys, 1, exclude_keys)[0], self.draw(rng, self.values, 1)[0]
-                ids = self.encode(f" The secret code for {key} is {value}.", cache=False)
-            else:                                   # essay: random sentences; noise, files: consecutive ones
+            if not self.pool:                       # a distractor needle, with a key that is never asked
+                key, value = self.draw(rng, 1, True, exclude_keys)[0], self.draw(rng, 1, False)[0]
+                ids = self.enc.encode(f" The secret code for {key} is {value}.")
+            else:                                   # essay: random sentences; a file: consecutive ones
                 j = rng.integers(len(self.pool)) if self.haystack == "essay" else (start + i) % len(self.pool)
-                ids = self.encode(" " + self.pool[j])
+                ids = self.pool[j]
             if total + len(ids) > budget:
                 return out, budget - total
             out.append((ids, value))
             total += len(ids)
 
-    def sample(self, rng, length, n_needles, variant, n_queries, depth=None):
-        check(capacity_error(10 ** 9, n_needles, 10 ** 9, variant, n_queries))
-        multivalue = variant == "multivalue"
-        keys = self.draw(rng, self.keys, 1 if multivalue else n_needles)
-        values = self.draw(rng, self.values, n_needles)
-        asked = [0] if multivalue else [int(a) for a in rng.choice(n_needles, size=n_queries, replace=False)]
-        needle_ids = [self.encode(f" The secret code for {k} is {v}.", cache=False)
-                      for k, v in zip(keys * n_needles if multivalue else keys, values)]
-
-        def question(order):    # [(text, g)]: g = the queried value that a piece is the gold answer of, else None
-            if multivalue:      # the values in order of appearance (the length does not depend on the order)
-                answers = [", ".join(values[i] for i in order)]
-                return answers, [(f"\nThe {n_needles} secret codes for {keys[0]}, in order, are", None),
-                                 (" " + answers[0], 0)]
-            answers = [values[i] for i in asked]
-            return answers, [p for g, i in enumerate(asked) for p in (
-                (("." if g else "") + f"\nThe secret code for {keys[i]} is", None), (" " + values[i], g))]
-        budget = length - sum(len(self.encode(t, g is None)) for t, g in question(range(n_needles))[1]) - sum(
-            map(len, needle_ids))
+    def sample(self, rng, length, n_needles, n_queries, depth=None):
+        check_fits(10 ** 9, n_needles, n_queries)
+        encode = self.enc.encode
+        keys, values = self.draw(rng, n_needles, True), self.draw(rng, n_needles, False)
+        asked = [int(a) for a in rng.choice(n_needles, size=n_queries, replace=False)]
+        needles = [encode(f" The secret code for {k} is {v}.") for k, v in zip(keys, values)]
+        question = [(encode(("." if g else "") + f"\nThe secret code for {keys[i]} is"), encode(" " + values[i]))
+                    for g, i in enumerate(asked)]  # per query: its prompt and its gold answer
+        budget = length - sum(len(q) + len(a) for q, a in question) - sum(map(len, needles))
         if budget < 0:
             raise DoesNotFit(f"{n_needles} needles and the question do not fit in {length} tokens")
         sentences, left = self.haystack_ids(rng, budget, set(keys))
-        one = self.encode(self.spacer)              # a 1-token word repeated; a byte-level encoder cuts the text
-        context = one * left if len(one) == 1 else self.encode(self.spacer * left)[:left]
+        one = encode(self.spacer)                   # a 1-token word repeated; a byte-level encoder cuts the text
+        tokens = one * left if len(one) == 1 else encode(self.spacer * left)[:left]
         bounds = rng.integers(0, len(sentences) + 1, size=n_needles)
         if depth is not None:                       # the first queried needle at the boundary nearest depth
             bounds[asked[0]] = int(round(depth / 100 * len(sentences)))
-        order = sorted(range(n_needles), key=lambda j: (bounds[j], j != asked[0], j))
-        spans, shown, row, j = [], [], {}, 0
-        for i in range(len(sentences) + 1):
-            while j < n_needles and bounds[order[j]] == i:
-                row[order[j]] = len(spans)
-                spans.append((len(context), len(context) + len(needle_ids[order[j]])))
-                shown.append(values[order[j]])
-                context += needle_ids[order[j]]
-                j += 1
-            if i < len(sentences):
-                ids, value = sentences[i]
-                if value is not None:
-                    spans.append((len(context), len(context) + len(ids)))
-                    shown.append(value)
-                context += ids
-        answers, pieces = question(order)
-        tokens, targets, positions = list(context), np.full(length, IGNORE, dtype=np.int64), [[] for _ in answers]
-        for text, g in pieces:
-            ids = self.encode(text, g is None)
-            if g is not None:                       # the token at s + k is predicted at position s + k − 1
-                positions[g] += range(len(tokens) - 1, len(tokens) - 1 + len(ids))
-                targets[len(tokens) - 1:len(tokens) - 1 + len(ids)] = ids
+        pieces = [(ids, value, None) for ids, value in sentences]
+        for j in sorted(range(n_needles), key=lambda j: (bounds[j], j != asked[0], j), reverse=True):
+            pieces.insert(bounds[j], (needles[j], values[j], j))           # needle j before sentence bounds[j]
+        spans, shown, row = [], [], {}
+        for ids, value, j in pieces:
+            if value is not None:                   # a needle-like sentence: real (j) or distractor (None)
+                row[j] = len(spans)
+                spans.append((len(tokens), len(tokens) + len(ids)))
+                shown.append(value)
             tokens += ids
+        hay_len, targets, answers = len(tokens), np.full(length, IGNORE, dtype=np.int64), []
+        for q, a in question:                       # the token at s + k is predicted at position s + k − 1
+            answers.append(np.arange(len(tokens) + len(q) - 1, len(tokens) + len(q) - 1 + len(a)))
+            targets[answers[-1]] = a
+            tokens += q + a
         assert len(tokens) == length, (len(tokens), length)
-        shown_first = [order[0] if depth is None else asked[0]] if multivalue else asked
-        depths = [100.0 * spans[row[i]][0] / max(1, len(context) - len(needle_ids[i])) for i in shown_first]
-        copy = [", ".join(shown[:n_needles])] if multivalue else [shown[g % len(shown)] for g in range(len(answers))]
-        return Sample(np.array(tokens, dtype=np.int64), targets, [np.array(p, dtype=np.int64) for p in positions],
-                      np.array(depths), [c == a for c, a in zip(copy, answers)], np.array(spans).reshape(-1, 2),
-                      [row[i] for i in ([order[0]] if multivalue else asked)])
+        return Sample(np.array(tokens, dtype=np.int64), targets, answers,
+                      np.array([100.0 * spans[row[i]][0] / max(1, hay_len - len(needles[i])) for i in asked]),
+                      [shown[g % len(shown)] == values[i] for g, i in enumerate(asked)],
+                      np.array(spans).reshape(-1, 2), [row[i] for i in asked])
 
 # -----------------------------------------------------------------------------
 # scoring: teacher-forced exact match, logits only at the answer positions
 
 
 class ModelScorer:
-    """
-    score_fn(idx (B, T), positions (B, P)) -> logits (B, P, V) of a model.py GPT: the post-ln_f states, times
-    lm_head only at the asked rows (full logits at 128K with V = 50,304 would be 12 GB in bf16). Sequences longer
-    than chunk_threshold, or all once force_chunked is set (after an OOM at batch 1), use model.prefill_chunked.
-    """
+    """score_fn(idx (B, T), positions (B, P)) -> logits (B, P, V) of a model.py GPT: lm_head only at the asked rows
+    (full logits at 128K with V = 50,304 would be 12 GB in bf16); above chunk_threshold tokens prefill is chunked."""
 
     def __init__(self, model, chunk_threshold=16384, chunk_size=8192, autocast_dtype=None):
         self.model, self.chunk_threshold, self.chunk_size = model, chunk_threshold, chunk_size
-        self.autocast_dtype, self.force_chunked = autocast_dtype, False
+        self.autocast_dtype = autocast_dtype
 
     def chunked(self, length):
-        return self.force_chunked or bool(self.chunk_threshold and length > self.chunk_threshold)
+        return bool(self.chunk_threshold and length > self.chunk_threshold)
 
     @torch.no_grad()
     def __call__(self, idx, positions):
-        with torch.autocast("cuda", self.autocast_dtype or torch.float32, enabled=bool(self.autocast_dtype and
-                                                                                       idx.is_cuda)):
+        with torch.autocast("cuda", self.autocast_dtype or torch.float32,
+                            enabled=bool(self.autocast_dtype and idx.is_cuda)):
             if self.chunked(idx.shape[1]):
                 h = self.model.prefill_chunked(idx, self.chunk_size)
             else:
@@ -442,36 +357,15 @@ def score_samples(score_fn, samples, device="cpu"):
         out.append([bool(hit[e - len(a):e].all()) for a, e in zip(s.answers, ends)])
     return out
 
-
-def score_with_backoff(score_fn, samples, state, device="cpu"):
-    """score_samples in batches of state["batch"]; on CUDA out-of-memory free the cache and halve the batch, and at
-    batch 1 switch the scorer to chunked prefill before giving up."""
-    out, i = [], 0
-    while i < len(samples):
-        try:
-            out += score_samples(score_fn, samples[i:i + state["batch"]], device)
-            i += state["batch"]
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if state["batch"] > 1:
-                state["batch"] //= 2
-            elif getattr(score_fn, "force_chunked", True) is False:
-                score_fn.force_chunked = state["chunked"] = True
-            else:
-                raise
-    return out
-
 # -----------------------------------------------------------------------------
 # attention probe: the query's attention, recomputed from the attention modules' inputs (forward hooks)
 
 
 @torch.no_grad()
 def attention_probe(model, idx, rows, lucid_rows=None):
-    """
-    Per layer, the attention probabilities (B, H, R, T) of the query positions rows (B, R): softmax(q·k/√d), causal,
-    with q, k recomputed from what each attention module received. For LUCID they weight V' = L⁻¹V; with lucid_rows
-    (B, R') it also returns, per LUCID layer, those rows of L⁻¹ (B, Hkv, R', T).
-    """
+    """Per layer, the attention probabilities (B, H, R, T) of the query positions rows (B, R): softmax(q·k/√d),
+    causal, with q, k recomputed from what each attention module received. For LUCID they weight V' = L⁻¹V; with
+    lucid_rows (B, R') it also returns, per LUCID layer, those rows of L⁻¹ (B, Hkv, R', T)."""
     import lucid
     from model import apply_rope
     inputs = []
@@ -540,11 +434,8 @@ def mcnemar_exact(b, c):
 
 
 def paired_stats(a, b, n_boot=2000, seed=0):
-    """
-    A against B on the same samples, the sample as the unit of test and interval alike (right iff all its values
-    are): Δ = (b − c)/n with b (c) the samples only A (only B) gets right, its 95% percentile interval resampling
-    samples, McNemar's exact test on b, c.
-    """
+    """A against B on the same samples, the sample as the unit (right iff all its values are): Δ = (b − c)/n with b
+    (c) the samples only A (only B) gets right, its 95% bootstrap interval over samples, McNemar's test on b, c."""
     d = np.array([all(x) for x in a], float) - np.array([all(y) for y in b], float)
     b, c = int((d > 0).sum()), int((d < 0).sum())
     means = d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))].mean(1)
@@ -560,16 +451,6 @@ def cell_stats(correct, copier):
     return {"n_samples": n, "n_values": n_values, "acc": acc, "ci95": list(wilson(acc, n)),
             "all_correct": sum(all(c) for c in correct) / max(1, n), "copier": sum(map(sum, copier)) / max(1, n_values)}
 
-
-def effective_length(accs, threshold=0.9):
-    """The largest L with acc >= threshold at every length <= L; accs is [(length, acc or None)]; 0 if none."""
-    best = 0
-    for length, acc in sorted(accs):
-        if acc is None or acc < threshold:
-            break
-        best = length
-    return best
-
 # -----------------------------------------------------------------------------
 # evaluation: cells, grids, resume
 
@@ -577,7 +458,6 @@ def effective_length(accs, threshold=0.9):
 @dataclass(frozen=True)
 class EvalSpec:
     """What decides a cell's samples besides the task and the (length, needles) cell."""
-    variant: str = "multikey"
     queries: int = 1            # per sample: 1 = one question (RULER niah_multikey_1), more = packed (multiquery)
     depths: tuple = ()          # pinned depths in %, cycled over a cell's samples; () = uniform
     samples: int = 100
@@ -585,15 +465,15 @@ class EvalSpec:
     domain: int = EVAL
 
     def n_queries(self, n_needles):
-        return 1 if self.variant == "multivalue" else min(n_needles, self.queries)
+        return min(n_needles, self.queries)
 
 
 def cell_sample(task, spec, length, n_needles, index):
     """Sample `index` of a cell; its generator's key holds only what changes this sample."""
     q, depth = spec.n_queries(n_needles), spec.depths[index % len(spec.depths)] if spec.depths else None
-    rng = sample_rng(spec.seed, spec.domain, task.key, length, n_needles, index, spec.variant, q,
-                     0 if depth is None else 1 + round(depth * 1000))
-    return task.sample(rng, length, n_needles, spec.variant, q, depth)
+    rng = sample_rng(spec.seed, spec.domain, task.key, length, n_needles, index, "multikey", q,
+                     0 if depth is None else 1 + round(depth * 1000))     # "multikey": the task's name since v1
+    return task.sample(rng, length, n_needles, q, depth)
 
 
 def model_id(model, info=None):
@@ -612,84 +492,70 @@ def cell_hash(task, spec, length, n_needles, ids=(), probe=0):
 
 
 def run_cell(score_fns, task, spec, length, n_needles, budget=16384, device="cpu", ids=(), probe=0):
-    """
-    One (length, needles) cell for one score_fn or a list (all on identical samples; a second is compared with the
-    first). Samples are drawn and scored in batches of max(1, budget // length); `probe` samples are probed per
-    score_fn that has a .model. A cell whose needles do not fit has acc None and a skipped_reason.
-    """
+    """One (length, needles) cell for one score_fn or a list (all on identical samples; a second is compared with the
+    first), in batches of max(1, budget // length) samples; the first `probe` samples are probed for every score_fn
+    with a .model. A cell whose needles do not fit has acc None and a skipped_reason."""
     fns = score_fns if isinstance(score_fns, (list, tuple)) else [score_fns]
-    rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length,
-           "num_needles": n_needles, "acc": None, "chance": task.chance(spec.variant, n_needles),
-           "skipped_reason": None}
-    t0, states = time.time(), [{"batch": max(1, min(spec.samples, budget // length)), "chunked": False} for _ in fns]
-    for fn, state in zip(fns, states):
-        state["chunked"] = bool(getattr(fn, "chunked", lambda T: False)(length))
+    rec = {"hash": cell_hash(task, spec, length, n_needles, ids, probe), "length": length, "num_needles": n_needles,
+           "acc": None, "chance": task.chance, "skipped_reason": None}
+    t0, batch_size = time.time(), max(1, min(spec.samples, budget // length))
     results, probes, copier, depths, fingerprint = [[] for _ in fns], [[] for _ in fns], [], [], hashlib.sha256()
-    for first in range(0, spec.samples, states[0]["batch"]):
+    for first in range(0, spec.samples, batch_size):
         try:
             batch = [cell_sample(task, spec, length, n_needles, i)
-                     for i in range(first, min(spec.samples, first + states[0]["batch"]))]
+                     for i in range(first, min(spec.samples, first + batch_size))]
         except DoesNotFit as e:
             return {**rec, "skipped_reason": str(e)}
         for s in batch:
             fingerprint.update(s.tokens.tobytes() + s.targets.tobytes())
             copier.append(s.copier)
             depths += list(s.depths)
-        for r, fn, state, pr in zip(results, fns, states, probes):
-            r += score_with_backoff(fn, batch, state, device)
+        for r, fn, pr in zip(results, fns, probes):
+            r += score_samples(fn, batch, device)
             for sample in batch[:max(0, probe - len(pr))] if hasattr(fn, "model") else []:
-                try:                                # one at a time; the probe is skipped where it runs out of memory
-                    pr += probe_masses(fn.model, [sample], device)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    probe = len(pr)                 # probe no further samples in this cell
-                    break
+                pr += probe_masses(fn.model, [sample], device)     # one at a time: a full forward, not chunked
     bins = np.array(spec.depths or range(0, 101, 10), dtype=float)       # each queried value in its nearest bin
     where = bins[np.abs(np.array(depths)[:, None] - bins).argmin(1)]
     right = np.concatenate([np.array(c, bool) for c in results[0]])
     hist = [[b, int((where == b).sum()), int(right[where == b].sum())] for b in bins if (where == b).any()]
-    rec.update(cell_stats(results[0], copier), n_queries=spec.n_queries(n_needles), batch=states[0]["batch"],
-               chunked=states[0]["chunked"], seconds=round(time.time() - t0, 3), fingerprint=fingerprint.hexdigest(),
-               depth_hist=hist)
+    rec.update(cell_stats(results[0], copier), n_queries=spec.n_queries(n_needles), batch=batch_size,
+               chunked=bool(getattr(fns[0], "chunked", lambda T: False)(length)), seconds=round(time.time() - t0, 3),
+               fingerprint=fingerprint.hexdigest(), depth_hist=hist)
     if probes[0]:
         rec["probe"] = probe_summary(probes[0])
     if len(fns) > 1:
         other = cell_stats(results[1], copier)
         rec["vs"] = {**{k: other[k] for k in ("acc", "ci95", "all_correct")}, **paired_stats(results[0], results[1]),
-                     "batch": states[1]["batch"], **({"probe": probe_summary(probes[1])} if probes[1] else {})}
+                     **({"probe": probe_summary(probes[1])} if probes[1] else {})}
     return rec
 
 
 def run_grid(score_fns, task, spec, lengths, needle_counts, out=None, ids=(), meta=None, budget=16384,
              device="cpu", probe=0, log=print):
-    """
-    Every (length, needles) cell, short to long; returns the result document. With `out` the JSON is rewritten after
-    every cell (temporary file + rename: always valid), and cells whose hash an existing `out` holds are reused.
-    """
+    """Every (length, needles) cell, short to long; returns the result document. With `out` the JSON is rewritten after
+    every cell (temporary file + rename: always valid), and cells whose hash an existing `out` holds are reused."""
     started, done = time.time(), {}
     if out and os.path.exists(out):
         with open(out) as f:
             done = {c["hash"]: c for c in json.load(f).get("cells", [])}
-    doc = {"meta": {**(meta or {}), **task.describe, "needle_version": NEEDLE_VERSION, "variant": spec.variant,
-                    "queries": spec.queries, "seed": spec.seed, "domain": spec.domain, "samples": spec.samples,
+    doc = {"meta": {**(meta or {}), **task.describe, "needle_version": NEEDLE_VERSION, **asdict(spec),
                     "metric": "teacher-forced exact match", "numpy": np.__version__, "torch": torch.__version__,
-                    "started": datetime.datetime.now().isoformat(timespec="seconds")},
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
            "grid": {"lengths": sorted(lengths), "num_needles": sorted(needle_counts), "depths": list(spec.depths)},
            "cells": []}
     grid = [(L, n) for L in sorted(lengths) for n in sorted(needle_counts)]
     for k, (length, n) in enumerate(grid):
         rec = done.get(cell_hash(task, spec, length, n, ids, probe)) or run_cell(score_fns, task, spec, length, n,
                                                                                  budget, device, ids, probe)
-        label = f"[{k + 1}/{len(grid)}] length {length_label(length)} needles {n}"
-        if rec["hash"] in done:
-            log(f"{label}: done before, reused")
-        elif rec["skipped_reason"]:
-            log(f"{label}: skipped ({rec['skipped_reason']})")
+        line = f"[{k + 1}/{len(grid)}] length {length_label(length)} needles {n}: "
+        if rec["hash"] in done or rec["skipped_reason"]:
+            log(line + ("done before, reused" if rec["hash"] in done else f"skipped ({rec['skipped_reason']})"))
         else:
-            v, lo, hi = rec.get("vs"), *rec["ci95"]
-            log(f"{label}: acc {100 * rec['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] copier {100 * rec['copier']:.1f}"
+            v, (lo, hi) = rec.get("vs"), rec["ci95"]
+            log(line + f"acc {100 * rec['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] copier {100 * rec['copier']:.1f}"
                 + (f" hit {rec['probe']['hit']:.2f}" if "probe" in rec else "")
-                + (f" | vs {100 * v['acc']:.1f}, Δ {100 * v['delta']:+.1f} p {v['mcnemar_p']:.3g}" if v else "")
+                + (f" | vs {100 * v['acc']:.1f}: Δ {100 * v['delta']:+.1f} [{100 * v['delta_ci95'][0]:+.1f}, "
+                   f"{100 * v['delta_ci95'][1]:+.1f}] discordant {v['discordant']} p {v['mcnemar_p']:.3g}" if v else "")
                 + f" | batch {rec['batch']}{' chunked' if rec['chunked'] else ''} | {rec['seconds']:.1f}s")
         doc["cells"].append(rec)
         doc["depth_cells"] = [{"length": c["length"], "num_needles": c["num_needles"], "depth_bin": b, "n": m,
@@ -721,22 +587,24 @@ def parse_length(text):
 
 
 def format_table(results, lengths, needle_counts, threshold=0.9, key="acc"):
-    """
-    Rows needle counts, columns lengths, cells in % (— if skipped), rows ending with the effective length (the
-    largest L with value >= threshold at every length <= L) unless threshold is None. results maps (length,
-    needles) to a number, None, or a cell record, from which `key` ("acc", "copier", ...) or key(record) is shown.
-    """
+    """Rows needle counts, columns lengths (ascending), cells in % (— if skipped); with a threshold each row ends with
+    the effective length, the largest L with value >= threshold at every length <= L. results maps (length, needles)
+    to a number, None, or a cell record, from which `key` ("acc", "copier") or key(record) is shown."""
     def value(r):
-        return (key(r) if callable(key) else r.get(key)) if isinstance(r, dict) and r["acc"] is not None else \
-            None if isinstance(r, dict) else r
-    lines = ["needles | " + " | ".join(f"{length_label(L):>6}" for L in lengths) + (f" | eff@{threshold:g}"
-                                                                                    if threshold else "")]
+        if isinstance(r, dict):
+            return None if r["acc"] is None else key(r) if callable(key) else r[key]
+        return r
+    lines = ["needles | " + " | ".join(f"{length_label(L):>6}" for L in lengths)
+             + (f" | eff@{threshold:g}" if threshold else "")]
     for n in needle_counts:
         cells = [value(results.get((L, n))) for L in lengths]
-        eff = effective_length(list(zip(lengths, cells)), threshold or 1)
-        eff = "—" if all(a is None for a in cells) else length_label(eff) if eff else f"<{length_label(min(lengths))}"
-        lines.append(f"{n:>7} | " + " | ".join("     —" if a is None else f"{100 * a:6.1f}" for a in cells)
-                     + (f" | {eff:>6}" if threshold else ""))
+        lines.append(f"{n:>7} | " + " | ".join("     —" if a is None else f"{100 * a:6.1f}" for a in cells))
+        if threshold:
+            ok = 0                                  # lengths passed in a row, from the shortest
+            while ok < len(cells) and cells[ok] is not None and cells[ok] >= threshold:
+                ok += 1
+            eff = length_label(lengths[ok - 1]) if ok else f"<{length_label(lengths[0])}"
+            lines[-1] += f" | {'—' if all(a is None for a in cells) else eff:>6}"
     return "\n".join(lines)
 
 
@@ -756,7 +624,6 @@ def write_heatmaps(doc, prefix):
     cell annotated with its accuracy and number of scored values. The paths written; none without matplotlib."""
     plt, paths, meta = pyplot(), [], doc["meta"]
     for n in sorted({d["num_needles"] for d in doc["depth_cells"]}) if plt else []:
-        from matplotlib.colors import LinearSegmentedColormap
         cells = [d for d in doc["depth_cells"] if d["num_needles"] == n]
         lengths, bins = sorted({d["length"] for d in cells}), sorted({d["depth_bin"] for d in cells})
         grid = np.full((len(bins), len(lengths)), np.nan)
@@ -765,55 +632,51 @@ def write_heatmaps(doc, prefix):
             i, j = bins.index(d["depth_bin"]), lengths.index(d["length"])
             grid[i, j] = d["acc"]
             ax.text(j, i, f"{100 * d['acc']:.0f}%\nn={d['n']}", ha="center", va="center", fontsize=8)
-        cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
+        cmap = plt.matplotlib.colors.LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
         fig.colorbar(ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto"), ax=ax, label="Score")
         ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths], rotation=45)
         ax.set_yticks(range(len(bins)), [f"{b:g}" for b in bins])
         ax.set(xlabel="context length (tokens)", ylabel="depth of the queried needle (%)",
-               title=f"{meta.get('task')} {meta.get('variant')}, {meta.get('haystack')} haystack, {n} needles "
+               title=f"{meta.get('task')} task, {meta.get('haystack')} haystack, {n} needles "
                      "(teacher-forced exact match; n = values scored per depth bin)")
+        paths.append(f"{prefix}_{meta.get('task')}_n{n}.png")
         fig.tight_layout()
-        paths.append(f"{prefix}_{meta.get('task')}_{meta.get('variant')}_n{n}.png")
         fig.savefig(paths[-1])
         plt.close(fig)
     return paths
 
 
 def show_sample(path, models, names, sample, device="cpu"):
-    """
-    One figure for one sample. Rows: layer and head. Columns: each model's attention from the position that predicts
+    """One figure for one sample. Rows: layer and head. Columns: each model's attention from the position that predicts
     the first queried value, over all positions (the queried needle in green); for a LUCID model also the row of L⁻¹
     at the queried needle's value, zoomed in: V' there = Σ_j L⁻¹[r, j]·v_j, i.e. how much of each earlier value the
-    preconditioning subtracts (shared by the query heads of one KV head).
-    """
+    preconditioning subtracts (shared by the query heads of one KV head)."""
     plt = pyplot()
     if plt is None:
         raise ValueError("--show needs matplotlib (pip install matplotlib)")
-    idx = torch.from_numpy(sample.tokens)[None].to(device)
+    idx, rows = torch.from_numpy(sample.tokens)[None].to(device), []
     query, (lo, hi) = int(sample.answers[0][0]), sample.spans[sample.asked[0]]
-    cols = []
     for model, name in zip(models, names):
         probs, inv = attention_probe(model, idx, torch.tensor([[query]], device=device),
                                      torch.tensor([[int(hi) - 1]], device=device))
         ok = score_samples(ModelScorer(model), [sample], device)[0][0]
-        cols.append((f"{name} ({model.config.attn}, answer {'right' if ok else 'wrong'}): attention of position "
+        rows.append((f"{name} ({model.config.attn}, answer {'right' if ok else 'wrong'}): attention of position "
                      f"{query}", [p[0, :, 0] for p in probs], None))
         if inv:
             g = model.config.n_head // model.config.n_kv_head
-            cols.append((f"{name}: row {int(hi) - 1} of L⁻¹ (V' at the needle's value = Σ L⁻¹·V)",
+            rows.append((f"{name}: row {int(hi) - 1} of L⁻¹ (V' at the needle's value = Σ L⁻¹·V)",
                          [i[0, :, 0].repeat_interleave(g, 0) for i in inv], (max(0, lo - 64), hi + 2)))
-    layers, heads = len(cols[0][1]), cols[0][1][0].shape[0]
-    fig, axes = plt.subplots(layers * heads, len(cols), figsize=(6 * len(cols), 1.7 * layers * heads + 1.2),
+    layers, heads = len(rows[0][1]), rows[0][1][0].shape[0]
+    fig, axes = plt.subplots(layers * heads, len(rows), figsize=(6 * len(rows), 1.7 * layers * heads + 1.2),
                              squeeze=False)
-    for c, (title, per_layer, zoom) in enumerate(cols):
-        for layer in range(layers):
-            for h in range(heads):
-                ax, y = axes[layer * heads + h, c], per_layer[layer][h].cpu().numpy()
-                ax.axvspan(lo - 0.5, hi - 0.5, color="#0CD79F", alpha=0.5, lw=2)
-                x = np.arange(*zoom) if zoom else np.arange(len(y))
-                ax.plot(x, y[x], "k", lw=0.8)
-                ax.set_ylabel(f"layer {layer} head {h}", fontsize=8)
-                ax.tick_params(labelsize=7)
+    for c, (title, per_layer, zoom) in enumerate(rows):                 # one column per model (and L⁻¹)
+        for r in range(layers * heads):
+            ax, y = axes[r, c], per_layer[r // heads][r % heads].cpu().numpy()
+            ax.axvspan(lo - 0.5, hi - 0.5, color="#0CD79F", alpha=0.5, lw=2)
+            x = np.arange(*zoom) if zoom else np.arange(len(y))
+            ax.plot(x, y[x], "k", lw=0.8)
+            ax.set_ylabel(f"layer {r // heads} head {r % heads}", fontsize=8)
+            ax.tick_params(labelsize=7)
         axes[0, c].set_title(title, fontsize=9)
         axes[-1, c].set_xlabel("position (zoomed in)" if zoom else "position")
     fig.suptitle(f"one sample: {len(sample.tokens)} tokens, the queried needle at {lo}..{hi - 1} (green), "
@@ -825,12 +688,6 @@ def show_sample(path, models, names, sample, device="cpu"):
 
 # -----------------------------------------------------------------------------
 # command line
-
-PRESETS = {     # the paper's MNIAH (Fig. 4): 2-10 needles, one query, 500 samples, 2K-8K; longer with --lengths
-    "lucid_mniah": {"variant": "multikey", "needles": [2, 4, 6, 8, 10], "samples": 500, "queries": 1,
-                    "lengths": [2048, 4096, 6144, 8192]},
-}
-DEFAULTS = {"variant": "multikey", "needles": [1, 4, 16], "samples": 100, "queries": 1, "lengths": [128, 512, 2048]}
 
 
 def typed(kind, convert, ok, many=False):
@@ -847,30 +704,27 @@ def typed(kind, convert, ok, many=False):
 
 
 def build_parser():
+    """The options; the paper's MNIAH setting is --needles 2,4,6,8,10 --samples 500 --lengths 2K,4K,6K,8K."""
     p = argparse.ArgumentParser(description="Needle retrieval accuracy of checkpoints (teacher-forced exact match) "
                                 "beside the key-blind copier and chance, with an attention probe.")
-    count = typed("count (an integer >= 1)", int, lambda v: v >= 1)
-    add = p.add_argument
+    count, add = typed("count (an integer >= 1)", int, lambda v: v >= 1), p.add_argument
     add("--ckpt", required=True, help="ckpt.pt written by train.py")
     add("--vs", help="a second checkpoint, evaluated on identical samples (paired comparison)")
     add("--attn", choices=("softmax", "lucid"), help="run --ckpt with this attention instead of its own")
     add("--task", choices=("token", "text"), default="token", help="token ids (default), or text through a tokenizer")
-    add("--preset", choices=sorted(PRESETS), help="lucid_mniah: 2-10 needles, 500 samples, 2K-8K")
-    add("--variant", choices=VARIANTS, help="what is asked (default multikey)")
-    add("--queries", type=count, help="queries per sample (default 1; more = packed, RULER's multiquery)")
-    add("--haystack", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)} (default needle: "
-                           "distractor needles, no copy shortcut)")
-    add("--lengths", type=typed("length", parse_length, bool, True),
+    add("--queries", type=count, default=1, help="queries per sample (default 1; more = packed, RULER's multiquery)")
+    add("--haystack", default="needle", help=f"token: {'/'.join(TOKEN_HAYSTACKS)}; text: {'/'.join(TEXT_HAYSTACKS)}"
+        " (default needle: distractor needles, no copy shortcut)")
+    add("--lengths", type=typed("length", parse_length, bool, True), default=[128, 512, 2048],
         help="default 128,512,2K (CPU-sized; on a GPU e.g. 1K,...,128K)")
-    add("--needles", type=typed("needle count", int, lambda v: v >= 1, True), help="needle counts (default 1,4,16)")
-    add("--samples", type=count, help="samples per cell (default 100; ±5 points needs about 400)")
-    add("--depths", type=typed("depth", float, lambda v: 0 <= v <= 100, True), help="pin the queried needle's depth "
-        "%%, cycled over a cell's samples, e.g. 0,50,100 (default uniform)")
+    add("--needles", type=typed("needle count", int, lambda v: v >= 1, True), default=[1, 4, 16],
+        help="needle counts (default 1,4,16; the paper's MNIAH: 2,4,6,8,10 with --samples 500)")
+    add("--samples", type=count, default=100, help="samples per cell (default 100; ±5 points needs about 400)")
+    add("--depths", type=typed("depth", float, lambda v: 0 <= v <= 100, True), default=(), help="pin the queried "
+        "needle's depth %%, cycled over a cell's samples, e.g. 0,50,100 (default uniform)")
     add("--seed", type=typed("seed (an integer >= 0)", int, lambda v: v >= 0), default=0, help="seed of the samples")
     add("--probe", type=typed("probe count", int, lambda v: v >= 0), default=16,
         help="samples per cell whose attention is probed (default 16; 0 = off)")
-    add("--keys", choices=TEXT_KINDS, help="text: what keys are (default words)")
-    add("--values", choices=TEXT_KINDS, help="text: what values are (default numbers)")
     add("--tokenizer", help="text: tiktoken encoding (default gpt2; 'bytes' = byte-level, offline)")
     add("--haystack_file", help="text: plain text to take the haystack sentences from")
     add("--out", help="JSON results, rewritten after every cell (a rerun resumes), heatmaps beside it")
@@ -878,24 +732,16 @@ def build_parser():
     add("--budget", type=parse_length, help="tokens per batch (default 256K softmax, 128K LUCID)")
     add("--chunk_threshold", type=parse_length, default=16384, help="chunked prefill above this length (default 16K)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    add("--dtype", choices=("bfloat16", "float32"), help="autocast on CUDA (default bfloat16); CPU runs float32")
+    add("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="autocast on CUDA; CPU runs float32")
     return p
 
 
-def resolve_args(parser, args):
-    """Fill defaults (a preset first) and check the combination; errors go through parser.error (exit 2)."""
-    preset, user_needles = PRESETS.get(args.preset, {}), args.needles is not None
-    for name in ("variant", "queries", "samples", "lengths", "needles"):
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, DEFAULTS[name]))
-    if args.variant == "single":
-        if user_needles and args.needles != [1]:
-            parser.error(f"--variant single has exactly 1 needle, got --needles {args.needles}")
-        args.needles = [1]
-    allowed, args.haystack = TOKEN_HAYSTACKS if args.task == "token" else TEXT_HAYSTACKS, args.haystack or "needle"
+def check_args(parser, args):
+    """The combinations argparse cannot check; errors go through parser.error (one line, exit 2)."""
+    allowed = TOKEN_HAYSTACKS if args.task == "token" else TEXT_HAYSTACKS
     if args.haystack not in allowed:
         parser.error(f"--haystack {args.haystack!r} is not a {args.task} haystack; choose from {allowed}")
-    for name in ("keys", "values", "tokenizer", "haystack_file"):
+    for name in ("tokenizer", "haystack_file"):
         if args.task == "token" and getattr(args, name) is not None:
             parser.error(f"--{name} applies to --task text")
     if args.haystack_file and not os.path.isfile(args.haystack_file):
@@ -907,10 +753,10 @@ def resolve_args(parser, args):
 
 def main(argv=None):
     parser = build_parser()
-    args = resolve_args(parser, parser.parse_args(argv))
+    args = check_args(parser, parser.parse_args(argv))
     from model import load_model
+    names = [args.ckpt] + ([args.vs] if args.vs else [])
     try:                                            # a missing or truncated checkpoint: one line, no traceback
-        names = [args.ckpt] + ([args.vs] if args.vs else [])
         models = [load_model(n, args.device, args.attn if i == 0 else None) for i, n in enumerate(names)]
         vocab = models[0][0].config.vocab_size
         if models[-1][0].config.vocab_size != vocab:
@@ -921,14 +767,14 @@ def main(argv=None):
             enc = load_encoder(args.tokenizer or "gpt2")
             if enc.n_vocab > vocab:
                 raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model only {vocab}")
-            task = TextTask(enc, args.haystack, args.keys or "words", args.values or "numbers", args.haystack_file)
-        spec = EvalSpec(args.variant, args.queries, tuple(args.depths or ()), args.samples, args.seed)
+            task = TextTask(enc, args.haystack, args.haystack_file)
+        spec = EvalSpec(args.queries, tuple(args.depths), args.samples, args.seed)
         if args.show:
             sample = cell_sample(task, spec, args.lengths[0], args.needles[0], 0)
             return print(f"wrote {show_sample(args.show, [m for m, _ in models], names, sample, args.device)}")
     except ValueError as e:
         sys.exit(f"needle.py: {e}")
-    dtype = (args.dtype or "bfloat16") if "cuda" in args.device else "float32"
+    dtype = args.dtype if "cuda" in args.device else "float32"
     scorers = [ModelScorer(m, args.chunk_threshold, autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
                for m, _ in models]
     budget = args.budget or (128 if any(m.config.attn == "lucid" for m, _ in models) else 256) * 1024
@@ -937,12 +783,13 @@ def main(argv=None):
               "train_len": m.config.block_size} for n, (m, info) in zip(names, models)]
     meta = {"model": metas[0], "vs_model": metas[1] if args.vs else None, "dtype": dtype, "device": args.device,
             "budget": budget, "command": sys.argv[1:] if argv is None else list(argv)}
-    print(f"{args.task} {args.variant}, {args.haystack} haystack, {spec.queries} queries per sample, {args.samples} "
-          f"samples per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}")
+    print(f"{args.task} task, {args.haystack} haystack, {spec.queries} queries per sample, {args.samples} samples "
+          f"per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}"
+          + ("; Δ = first − second per sample (right iff all its values are), 95% bootstrap CI, McNemar p"
+             if args.vs else ""))
     doc = run_grid(scorers, task, spec, args.lengths, args.needles, args.out, [m["id"] for m in metas], meta, budget,
                    args.device, args.probe)
     results = {(c["length"], c["num_needles"]): c for c in doc["cells"]}
-    chance = ", ".join(sorted({f"{100 * c['chance']:.2g}%" for c in doc["cells"]}))
     tables = [("key-blind copier (ignores the key, copies the first needle-like values it saw)", "copier", None)]
     second = (lambda c: c["vs"]["acc"], lambda c: c["vs"]["probe"]["hit"])
     tables += [(f"{n} ({m['attention']})", key, 0.9) for n, m, key in zip(names, metas, ("acc", second[0]))]
@@ -950,16 +797,9 @@ def main(argv=None):
         tables += [(f"attention hit of {n}, % (the best head's mass on the matching needle, {args.probe} samples)",
                     key, None) for n, key in zip(names, (lambda c: c["probe"]["hit"], second[1]))]
     print(f"\nteacher-forced exact match, % ({args.samples} samples per cell, {args.haystack} haystack); "
-          f"uniform chance {chance}")
+          f"uniform chance {100 * task.chance:.2g}%")
     for title, key, threshold in tables:
         print(f"\n{title}:\n{format_table(results, sorted(args.lengths), sorted(args.needles), threshold, key)}")
-    if args.vs:
-        print("\nΔ = first − second, points; per sample (right iff all its values are); 95% bootstrap CI; McNemar p")
-        for (length, n), c in sorted(results.items()):
-            if "vs" in c:
-                v, (lo, hi) = c["vs"], c["vs"]["delta_ci95"]
-                print(f"  {length_label(length):>5} {n:>3} needles: Δ {100 * v['delta']:+6.1f} [{100 * lo:+.1f}, "
-                      f"{100 * hi:+.1f}]  discordant {v['discordant']}  p {v['mcnemar_p']:.3g}")
     for path in write_heatmaps(doc, os.path.splitext(args.out)[0]) if args.out else []:
         print(f"wrote {path}")
     if args.out:

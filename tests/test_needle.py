@@ -84,8 +84,7 @@ def tiny_gpt(attn="softmax", pos="rope", token_shift=False, vocab=128, dtype=tor
 
 
 def copier_fn(idx, positions):
-    """A key-blind model: answers position i (the i-th query, or the i-th value of one multivalue query) with the
-    value of the i-th key-value pair it saw."""
+    """A key-blind model: answers the i-th query with the value of the i-th key-value pair it saw."""
     out = torch.zeros(positions.shape, dtype=torch.long)
     for b in range(idx.shape[0]):
         row = idx[b].tolist()
@@ -121,23 +120,19 @@ def test_training_batches_do_not_depend_on_batch_size():
     assert torch.equal(x, torch.cat([x1, x2])) and torch.equal(y, torch.cat([y1, y2]))
 
 
-CASES = [(v, h) for v in needle.VARIANTS for h in needle.TOKEN_HAYSTACKS]
-
-
-@pytest.mark.parametrize("variant,haystack", CASES, ids=[f"{v}-{h}" for v, h in CASES])
-def test_token_sample_properties(variant, haystack):
-    n = 1 if variant == "single" else 5
-    q = 3 if variant == "multikey" else 1
+@pytest.mark.parametrize("haystack", needle.TOKEN_HAYSTACKS)
+@pytest.mark.parametrize("q", [1, 3])
+def test_token_sample_properties(haystack, q):
+    n = 5
     for i in range(20):
         T = 96 + i
-        s = needle.make_token_sample(np.random.default_rng(i), T, n, V, variant, haystack, q)
+        s = needle.make_token_sample(np.random.default_rng(i), T, n, V, haystack, q)
         assert s.tokens.shape == (T,) and s.targets.shape == (T,) and s.tokens.dtype == np.int64
         labelled = np.flatnonzero(s.targets != needle.IGNORE)
         assert sorted(labelled.tolist()) == sorted(np.concatenate(s.answers).tolist())     # labels only at answers
         assert np.array_equal(s.targets[labelled], s.tokens[labelled + 1])                 # teacher-forced gold
         assert in_range(s.targets[labelled], "values").all()
-        assert len(s.answers) == len(s.copier) == len(s.asked) == (1 if variant == "multivalue" else q)
-        assert len(labelled) == (n if variant == "multivalue" else q)
+        assert len(s.answers) == len(s.copier) == len(s.asked) == len(labelled) == q
         first_query = int(np.flatnonzero(s.tokens == needle.QUERY)[0])
         hay = s.tokens[:first_query]
         assert not (hay == needle.QUERY).any()
@@ -147,7 +142,7 @@ def test_token_sample_properties(variant, haystack):
             assert in_range(hay[key_pos + 1], "values").all()
             assert in_range(np.delete(hay, np.concatenate([key_pos, key_pos + 1])), "filler").all()
             assert len(set(hay[key_pos + 1].tolist())) == n                                 # unique values
-            assert len(set(hay[key_pos].tolist())) == (1 if variant == "multivalue" else n)   # unique keys
+            assert len(set(hay[key_pos].tolist())) == n                                     # unique keys
             assert np.array_equal(s.spans[:, 0], key_pos)
         for a, row in zip(s.answers, s.asked):         # every queried key is a real needle, once per value
             key = s.tokens[a[0]]
@@ -166,30 +161,28 @@ def test_vocab_ranges_disjoint():
 
 
 @pytest.mark.parametrize("haystack", ["random", "needle"])
-@pytest.mark.parametrize("variant", ["multikey", "multivalue"])
-def test_depth_pinned_within_one_token(variant, haystack):
+def test_depth_pinned_within_one_token(haystack):
     T, n = 200, 6
-    H = T - (2 + n if variant == "multivalue" else 3)
+    H = T - 3
     for depth in range(0, 101, 10):
         for i in range(5):
-            s = needle.make_token_sample(np.random.default_rng([depth, i]), T, n, V, variant, haystack, 1, depth)
+            s = needle.make_token_sample(np.random.default_rng([depth, i]), T, n, V, haystack, 1, depth)
             key = s.tokens[s.answers[0][0]]
-            where = np.flatnonzero(s.tokens[:H] == key)          # multivalue: one of the key's needles is pinned
+            where = np.flatnonzero(s.tokens[:H] == key)
             assert np.abs(where - depth / 100 * (H - 2)).min() <= 1, (depth, where)
             assert abs(s.depths[0] - depth) <= 100 / (H - 2) + 1e-9
 
 
 def test_requested_needle_and_query_counts_and_capacity_errors():
     assert needle.EvalSpec(queries=8).n_queries(20) == 8 and needle.EvalSpec(queries=8).n_queries(3) == 3
-    assert needle.EvalSpec(variant="multivalue", queries=8).n_queries(10) == 1
     with pytest.raises(needle.DoesNotFit, match="do not fit"):
         needle.make_token_sample(np.random.default_rng(0), 40, 20, V)
     with pytest.raises(ValueError, match="distinct keys"):
         needle.make_token_sample(np.random.default_rng(0), 4096, 40, V)
-    with pytest.raises(ValueError, match="unknown variant"):
-        needle.make_token_sample(np.random.default_rng(0), 128, 2, V, variant="overwrite")
-    with pytest.raises(ValueError, match="single variant"):
-        needle.make_token_sample(np.random.default_rng(0), 128, 2, V, variant="single")
+    with pytest.raises(needle.DoesNotFit, match="queries <= needles"):
+        needle.make_token_sample(np.random.default_rng(0), 128, 2, V, n_queries=3)
+    with pytest.raises(ValueError, match="unknown token haystack"):
+        needle.TokenTask(V, "repeat").sample(np.random.default_rng(0), 128, 2, 1)
 
 
 def test_make_sample_keeps_its_interface():
@@ -198,22 +191,19 @@ def test_make_sample_keeps_its_interface():
     assert (targets[answer_pos] == tokens[answer_pos + 1]).all()
 
 
-COPY = [("random", "multikey", 1, 1), ("random", "multikey", 2, 1), ("repeat", "multikey", 4, 1),
-        ("random", "multivalue", 4, 1), ("needle", "multikey", 1, 1), ("needle", "multivalue", 4, 1),
-        ("random", "multikey", 4, 3), ("needle", "multikey", 4, 3)]
+COPY = [("random", 1, 1), ("random", 2, 1), ("random", 4, 1), ("needle", 1, 1), ("random", 4, 3), ("needle", 4, 3)]
 
 
-@pytest.mark.parametrize("haystack,variant,n,q", COPY, ids=[f"{h}-{v}-n{n}-q{q}" for h, v, n, q in COPY])
-def test_copier_baseline_is_what_a_key_blind_model_scores(haystack, variant, n, q):
+@pytest.mark.parametrize("haystack,n,q", COPY, ids=[f"{h}-n{n}-q{q}" for h, n, q in COPY])
+def test_copier_baseline_is_what_a_key_blind_model_scores(haystack, n, q):
     """The copier column equals the score of a model that ignores the key; it is perfect on the random haystack
-    with one needle or on multivalue, about 1/n with n needles, and small only with distractor needles."""
-    task, spec = needle.TokenTask(V, haystack), needle.EvalSpec(variant=variant, queries=q, samples=200)
+    with one needle, about 1/n with n needles, and small only with distractor needles."""
+    task, spec = needle.TokenTask(V, haystack), needle.EvalSpec(queries=q, samples=200)
     r = needle.run_cell(copier_fn, task, spec, 96, n, budget=200 * 96)
     assert r["copier"] == r["acc"]
-    expect = {"needle": (0, 0.15), "random": (1, 1) if n == 1 or variant == "multivalue" else (0.5 / n, 2 / n),
-              "repeat": (0.5 / n, 2 / n)}[haystack]
+    expect = (0, 0.15) if haystack == "needle" else (1, 1) if n == 1 else (0.5 / n, 2 / n)
     assert expect[0] <= r["copier"] <= expect[1], r["copier"]
-    assert r["chance"] == pytest.approx((1 / N_VALUES) ** (n if variant == "multivalue" else 1))
+    assert r["chance"] == pytest.approx(1 / N_VALUES)
 
 
 # -----------------------------------------------------------------------------
@@ -233,13 +223,9 @@ def test_same_arguments_same_arrays_and_fingerprint():
 
 
 def test_queries_change_only_the_samples_they_shape():
-    """The generator's key holds what shapes a sample: --queries does not touch multivalue samples, nor multikey
-    samples whose needle count caps the queries anyway; it does change samples it shapes."""
-    def tokens(task, **spec):
-        return [needle.cell_sample(task, needle.EvalSpec(**spec), 96, n, i).tokens for n in (2, 4) for i in range(3)]
+    """The generator's key holds what shapes a sample: --queries does not touch samples whose needle count caps the
+    queries anyway; it does change samples it shapes."""
     for task in (needle.TokenTask(V), needle.TokenTask(V, "random")):
-        mv = [tokens(task, variant="multivalue", queries=q) for q in (1, 2, 4)]
-        assert all(np.array_equal(x, y) for other in mv[1:] for x, y in zip(mv[0], other))
         capped = [needle.cell_sample(task, needle.EvalSpec(queries=q), 96, 2, 0).tokens for q in (2, 8)]
         assert np.array_equal(*capped)
         shaped = [needle.cell_sample(task, needle.EvalSpec(queries=q), 96, 4, 0).tokens for q in (1, 2)]
@@ -257,9 +243,9 @@ def test_cell_alone_equals_cell_in_grid():
                                                                        (128, 2), (128, 4)]     # short to long
 
 
-@pytest.mark.parametrize("variant,q", [("multikey", 1), ("multikey", 3), ("multivalue", 1)])
-def test_batch_size_and_order_change_nothing(variant, q):
-    task, spec = needle.TokenTask(V), needle.EvalSpec(variant=variant, samples=13, queries=q)
+@pytest.mark.parametrize("q", [1, 3])
+def test_batch_size_and_order_change_nothing(q):
+    task, spec = needle.TokenTask(V), needle.EvalSpec(samples=13, queries=q)
     records = [needle.run_cell(seeded_random, task, spec, 96, 4, budget=b * 96) for b in (1, 4, 13, 100)]
     assert len({(r["acc"], r["fingerprint"], r["all_correct"], r["copier"]) for r in records}) == 1
     assert [r["batch"] for r in records] == [1, 4, 13, 13]
@@ -303,14 +289,11 @@ def test_validation_samples_are_not_the_reported_samples(monkeypatch):
 # scoring
 
 
-ORACLE_CASES = [(v, h, q) for v in needle.VARIANTS for h in needle.TOKEN_HAYSTACKS for q in (1, 3)
-                if q == 1 or v == "multikey"]
-
-
-@pytest.mark.parametrize("variant,haystack,q", ORACLE_CASES, ids=[f"{v}-{h}-q{q}" for v, h, q in ORACLE_CASES])
-def test_oracle_scores_one(variant, haystack, q):
-    n = 1 if variant == "single" else 6
-    spec = needle.EvalSpec(variant=variant, queries=q, samples=8, depths=(0, 100) if q > 1 else ())
+@pytest.mark.parametrize("haystack", needle.TOKEN_HAYSTACKS)
+@pytest.mark.parametrize("q", [1, 3])
+def test_oracle_scores_one(haystack, q):
+    n = 6
+    spec = needle.EvalSpec(queries=q, samples=8, depths=(0, 100) if q > 1 else ())
     r = needle.run_cell(oracle, needle.TokenTask(V, haystack), spec, 80, n, budget=3 * 80)
     assert r["acc"] == 1.0 and r["all_correct"] == 1.0 and r["n_samples"] == 8
     assert r["n_values"] == 8 * spec.n_queries(n)
@@ -318,7 +301,7 @@ def test_oracle_scores_one(variant, haystack, q):
 
 def test_constant_and_random_models_score_about_chance():
     task = needle.TokenTask(V)
-    assert task.chance("multikey", 8) == needle.chance_accuracy(V) == 1 / N_VALUES
+    assert task.chance == needle.chance_accuracy(V) == 1 / N_VALUES
     for fn in (constant, seeded_random):
         r = needle.run_cell(fn, task, needle.EvalSpec(samples=600, queries=8), 48, 8, budget=600 * 48)
         lo, hi = needle.wilson(r["acc"], r["n_values"])
@@ -331,7 +314,7 @@ def test_answer_logits_only_at_answer_positions():
     def spy(idx, positions):
         shapes.append((tuple(idx.shape), tuple(positions.shape)))
         return oracle(idx, positions)
-    needle.run_cell(spy, needle.TokenTask(V), needle.EvalSpec(variant="multivalue", samples=4), 64, 5, budget=4 * 64)
+    needle.run_cell(spy, needle.TokenTask(V), needle.EvalSpec(queries=5, samples=4), 64, 5, budget=4 * 64)
     assert shapes == [((4, 64), (4, 5))]
 
 
@@ -356,25 +339,6 @@ def test_teacher_forcing_equals_greedy_decoding():
             tf = logits.argmax(-1)[0].numpy()
             upto = m if wrong_at is None else wrong_at + 1
             assert np.array_equal(tf[:upto], greedy[:upto])
-
-
-def test_oom_halves_the_batch_then_switches_to_chunked():
-    class Flaky:
-        def __init__(self, max_batch):
-            self.max_batch, self.force_chunked, self.sizes = max_batch, False, []
-
-        def __call__(self, idx, positions):
-            if idx.shape[0] > self.max_batch and not self.force_chunked:
-                raise torch.cuda.OutOfMemoryError("simulated")
-            self.sizes.append(idx.shape[0])
-            return oracle(idx, positions)
-    task, spec = needle.TokenTask(V), needle.EvalSpec(samples=10)
-    fn = Flaky(max_batch=2)
-    r = needle.run_cell(fn, task, spec, 64, 2, budget=8 * 64)
-    assert r["acc"] == 1.0 and r["batch"] == 2 and not r["chunked"] and max(fn.sizes) == 2
-    fn = Flaky(max_batch=0)                          # even batch 1 fails until chunked prefill is on
-    r = needle.run_cell(fn, task, spec, 64, 2, budget=8 * 64)
-    assert r["acc"] == 1.0 and r["batch"] == 1 and r["chunked"] and fn.force_chunked
 
 
 # -----------------------------------------------------------------------------
@@ -479,7 +443,6 @@ def test_paired_stats_count_samples_not_values():
 
 def test_effective_length_and_table():
     accs = {(1024, 1): 0.95, (2048, 1): 0.91, (4096, 1): 0.5, (1024, 2): 0.2, (2048, 2): None, (4096, 2): 1.0}
-    assert needle.effective_length([(L, a) for (L, n), a in accs.items() if n == 1]) == 2048
     table = needle.format_table(accs, [1024, 2048, 4096], [1, 2]).splitlines()
     assert table[0].split("|")[1].strip() == "1K" and "eff@0.9" in table[0]
     assert table[1].split("|")[1:] == ["   95.0 ", "   91.0 ", "   50.0 ", "     2K"]
@@ -528,7 +491,7 @@ def test_json_keys_and_resume_skips_finished_cells(tmp_path):
     on_disk = json.load(open(out))
     assert on_disk == json.loads(json.dumps(doc))
     assert {"meta", "grid", "cells", "depth_cells", "data_fingerprint"} <= set(on_disk)
-    for key in ("needle_version", "task", "variant", "haystack", "seed", "vocab_size", "tokenizer", "queries",
+    for key in ("needle_version", "task", "haystack", "seed", "vocab_size", "tokenizer", "queries",
                 "numpy", "torch", "started", "wall_s", "model"):
         assert key in on_disk["meta"], key
     assert on_disk["grid"] == {"lengths": [64, 96], "num_needles": [1, 2, 40], "depths": [0, 50, 100]}
@@ -577,19 +540,18 @@ def test_no_heatmap_without_matplotlib(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def enc():
     pytest.importorskip("tiktoken")
-    return needle.byte_encoding()
+    return needle.load_encoder("bytes")
 
 
-TEXT_CASES = [("single", 1), ("multikey", 1), ("multivalue", 1), ("multikey", 2)]
 NEEDLE_RE = r"The secret code for (\S+) is (\S+)\."
 
 
-@pytest.mark.parametrize("variant,q", TEXT_CASES, ids=[f"{v}-q{q}" for v, q in TEXT_CASES])
-def test_text_samples_render_and_answers_decode(enc, variant, q):
-    n = 1 if variant == "single" else 4
+@pytest.mark.parametrize("q", [1, 2])
+def test_text_samples_render_and_answers_decode(enc, q):
+    n = 4
     for haystack in needle.TEXT_HAYSTACKS:
-        task = needle.TextTask(enc, haystack, "words", "numbers")
-        s = task.sample(np.random.default_rng([7, len(haystack)]), 1024, n, variant, q, depth=30)
+        task = needle.TextTask(enc, haystack)
+        s = task.sample(np.random.default_rng([7, len(haystack)]), 1024, n, q, depth=30)
         ids = s.tokens.tolist()
         assert len(ids) == 1024 and enc.encode(enc.decode(ids)) == ids      # the concatenation round-trips
         labelled = np.flatnonzero(s.targets != needle.IGNORE)
@@ -603,35 +565,30 @@ def test_text_samples_render_and_answers_decode(enc, variant, q):
         spans = [enc.decode(s.tokens[lo:hi].tolist()) for lo, hi in s.spans]   # every needle-like sentence, in order
         assert [re.findall(NEEDLE_RE, t)[0] for t in spans] == pairs
         for row, a in zip(s.asked, answers):
-            assert spans[row].endswith(a.split(",")[0] + ".")
+            assert spans[row].endswith(a + ".")
         if haystack != "needle":                     # the only needle sentences are the real ones
             assert len(pairs) == n
-            if variant == "multivalue":              # all values, in order of appearance
-                assert answers == [" " + ", ".join(v for _, v in pairs)]
-            assert s.copier == [" " + ", ".join(v for _, v in pairs[:n]) == answers[0]] if variant == "multivalue" \
-                else [" " + pairs[g % n][1] == a for g, a in enumerate(answers)]
+            assert s.copier == [" " + pairs[g % n][1] == a for g, a in enumerate(answers)]
 
 
 def test_text_prompt_wording(enc):
-    task = needle.TextTask(enc, "noise", "words", "numbers")
-    s = task.sample(np.random.default_rng(0), 300, 2, "multikey", 1)
+    task = needle.TextTask(enc, "essay")
+    s = task.sample(np.random.default_rng(0), 300, 2, 1)
     text = enc.decode(s.tokens.tolist())
-    assert "The grass is green." in text
+    assert re.search(r"(Most founders|Investors|Early users|Small teams|Big companies|Young hackers|Good programmers"
+                     r"|The best startups) \w+", text)
     question = text.rsplit("\n", 1)[1]
-    assert re.fullmatch(r"The secret code for \S+ is \d{7}", question)
-    uu = needle.TextTask(enc, "essay", "uuids", "uuids").sample(np.random.default_rng(1), 600, 1, "single", 1)
-    answer = enc.decode(uu.targets[uu.answers[0]].tolist())
-    assert re.fullmatch(r" [0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", answer)
+    key = re.fullmatch(r"The secret code for (\w+)-(\w+) is \d{7}", question)
+    assert key and key[1] in needle.ADJECTIVES and key[2] in needle.NOUNS
 
 
 def test_text_cells_with_peeking_oracle_and_copier(enc):
-    task = needle.TextTask(enc, "essay", "words", "numbers")
-    for variant, n, q in (("multikey", 4, 2), ("multivalue", 3, 1)):
-        spec = needle.EvalSpec(variant=variant, queries=q, samples=5, depths=(10, 90))
-        r = needle.run_cell(peek, task, spec, 1024, n, budget=2 * 1024)
-        assert r["acc"] == 1.0 and r["n_values"] == 5 * spec.n_queries(n)
-    assert needle.run_cell(peek, task, needle.EvalSpec(variant="multivalue", samples=3), 1024, 3)["copier"] == 1.0
-    distractors = needle.TextTask(enc, "needle", "words", "numbers")
+    task = needle.TextTask(enc, "essay")
+    spec = needle.EvalSpec(queries=2, samples=5, depths=(10, 90))
+    r = needle.run_cell(peek, task, spec, 1024, 4, budget=2 * 1024)
+    assert r["acc"] == 1.0 and r["n_values"] == 5 * 2
+    assert needle.run_cell(peek, task, needle.EvalSpec(samples=6), 1024, 1)["copier"] == 1.0
+    distractors = needle.TextTask(enc, "needle")
     assert needle.run_cell(peek, distractors, needle.EvalSpec(samples=10), 512, 1)["copier"] <= 0.2
 
     def almost(idx, positions):                      # right everywhere but the second token of each answer
@@ -645,10 +602,8 @@ def test_text_cells_with_peeking_oracle_and_copier(enc):
 def test_text_task_rejects_bad_arguments(enc):
     with pytest.raises(ValueError, match="haystack"):
         needle.TextTask(enc, haystack="poetry")
-    with pytest.raises(ValueError, match="encode"):
-        needle.TextTask(object())
-    with pytest.raises(ValueError, match="unknown variant"):
-        needle.TextTask(enc).sample(np.random.default_rng(0), 512, 2, "overwrite", 1)
+    with pytest.raises(needle.DoesNotFit, match="queries <= needles"):
+        needle.TextTask(enc).sample(np.random.default_rng(0), 512, 2, 3)
 
 
 # -----------------------------------------------------------------------------
@@ -728,32 +683,26 @@ def test_cli_show_writes_one_figure(ckpt, tmp_path, capsys, monkeypatch):
         needle.main(args)
 
 
-def test_cli_text_task_and_preset(ckpt, tmp_path, capsys):
+def test_cli_text_task_and_help(ckpt, tmp_path, capsys):
     doc = needle.main(["--ckpt", ckpt, "--task", "text", "--tokenizer", "bytes",
                        "--lengths", "512", "--needles", "2", "--samples", "3", "--device", "cpu", "--probe", "1"])
     assert doc["meta"]["tokenizer"] == "bytes" and doc["meta"]["haystack"] == "needle"
     assert doc["cells"][0]["n_samples"] == 3 and "probe" in doc["cells"][0]
-    doc = needle.main(["--ckpt", ckpt, "--preset", "lucid_mniah", "--lengths", "128", "--samples", "2",
-                       "--device", "cpu", "--probe", "0"])
-    assert doc["grid"]["num_needles"] == [2, 4, 6, 8, 10] and doc["meta"]["variant"] == "multikey"
-    assert doc["meta"]["haystack"] == "needle"
-    parser = needle.build_parser()
-    args = needle.resolve_args(parser, parser.parse_args(["--ckpt", ckpt, "--preset", "lucid_mniah"]))
-    assert args.lengths == [2048, 4096, 6144, 8192] and args.samples == 500 and args.queries == 1
-    assert "128,512,2K" in parser.format_help()      # the CPU-sized default grid is in --help
+    args = needle.build_parser().parse_args(["--ckpt", ckpt])
+    assert (args.lengths, args.needles, args.samples, args.queries) == ([128, 512, 2048], [1, 4, 16], 100, 1)
+    assert "128,512,2K" in needle.build_parser().format_help()      # the CPU-sized default grid is in --help
 
 
 BAD = [
     (["--lengths", "3Q"], "invalid length"),
     (["--lengths", "0"], "invalid length"),
     (["--depths", "50,120"], "invalid depth '120'"),
-    (["--variant", "spiral"], "invalid choice"),
+    (["--task", "spiral"], "invalid choice"),
     (["--samples", "0"], "invalid count"),
     (["--seed", "-1"], "invalid seed"),
     (["--queries", "0"], "invalid count"),
     (["--needles", "1,0"], "invalid needle count '0'"),
-    (["--variant", "single", "--needles", "2"], "exactly 1 needle"),
-    (["--keys", "uuids"], "applies to --task text"),
+    (["--tokenizer", "bytes"], "applies to --task text"),
     (["--haystack", "essay"], "not a token haystack"),
 ] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else [])
 
