@@ -8,8 +8,8 @@
 # then evaluate both on identical samples of the distractor-needle haystack (the key-blind copier and chance are
 # printed beside every cell; paired: McNemar + bootstrap CI of the difference, the sample as the unit), 1K -> 128K:
 #
-#   python needle.py --ckpt out-needle-lucid/ckpt.pt --vs out-needle-softmax/ckpt.pt --preset lucid_mniah \
-#       --lengths 1K,2K,4K,6K,8K,16K,32K,64K,128K --out mniah.json
+#   python needle.py --ckpt out-needle-lucid/ckpt.pt --vs out-needle-softmax/ckpt.pt --needles 2,4,6,8,10 \
+#       --samples 500 --lengths 1K,2K,4K,6K,8K,16K,32K,64K,128K --out mniah.json
 #   python needle.py --ckpt out-needle-lucid/ckpt.pt --vs out-needle-softmax/ckpt.pt --queries 8 \
 #       --samples 64 --lengths 1K,2K,4K,8K,16K,32K,64K,128K --needles 1,2,4,8,16,32 \
 #       --depths 0,10,20,30,40,50,60,70,80,90,100 --out grid.json    # + depth x length heatmaps grid_token_*.png
