@@ -267,29 +267,7 @@ def decode_step_torch(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None
     return o.reshape(B, H, 1, D).to(q.dtype), vp_t.to(v.dtype), rstd_t
 
 
-_decode_kernel_checked = {}   # (device, dtype, D, G) -> None if the kernel agreed with decode_step_torch, else why not
-
-
-def _decode_kernel_self_check(device, dtype, D, G):
-    """Run the fused decode kernel once on a small cache with clustered keys and compare with decode_step_torch."""
-    import kernel
-    g = torch.Generator().manual_seed(0)
-    B, Hkv, L, P = 2, 2, 300, 257
-    centres = torch.randn(4, D, generator=g)
-    k_cache = centres[torch.randint(0, 4, (B, Hkv, L), generator=g)] + 0.1 * torch.randn(B, Hkv, L, D, generator=g)
-    rstd_cache = torch.rsqrt(k_cache.pow(2).mean(-1, keepdim=True) + EPS)
-    vp_cache, k = torch.randn(B, Hkv, L, D, generator=g), centres[[0]].expand(B, Hkv, 1, D).contiguous()
-    q, v = torch.randn(B, Hkv * G, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
-    start = torch.tensor([0, 5])
-    args = [x.to(device=device, dtype=dtype) for x in (q, k, v, k_cache, vp_cache)] + [rstd_cache.to(device)]
-    got = kernel.decode_step(*args, P, start.to(device), EPS)
-    ref = decode_step_torch(*args, P, start.to(device), EPS)
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
-    for name, x, r in zip(("output", "V' row", "rstd"), got, ref):
-        err = ((x.float() - r.float()).norm() / r.float().norm()).item()
-        if not err <= tol:                                                   # catches NaN too
-            return f"its self-check failed on {device} {dtype}: the {name} differs from PyTorch by {err:.1e}"
-    return None
+_decode_kernel_checked = {}   # (device, dtype, D, G) -> None if kernel.decode_selfcheck passed, else why not
 
 
 def which_decode_impl(q, k_cache, impl="auto"):
@@ -307,7 +285,7 @@ def which_decode_impl(q, k_cache, impl="auto"):
         key = (q.device, k_cache.dtype, q.shape[-1], q.shape[1] // k_cache.shape[1])
         if key not in _decode_kernel_checked:
             try:
-                _decode_kernel_checked[key] = _decode_kernel_self_check(*key)
+                _decode_kernel_checked[key] = kernel.decode_selfcheck(*key)
             except Exception as e:
                 _decode_kernel_checked[key] = f"its self-check on {q.device} raised {type(e).__name__}: {e}"
         reason = _decode_kernel_checked[key]
@@ -349,35 +327,7 @@ def _warn_once(message):
         warnings.warn(message, stacklevel=3)
 
 
-_kernel_checked = {}   # (device, dtype, D) -> None if the kernel agreed with the PyTorch path, else why not
-
-
-def _kernel_self_check(device, dtype, D):
-    """
-    Before the kernel is trusted for a (device, dtype, head size), run it once on a small input that spans several
-    blocks (clustered keys, a ragged last block) and compare V', dk and dv with the PyTorch path on the same inputs.
-    A kernel that disagrees there (a compiler or hardware difference the CPU tests cannot see) is not used: the
-    caller falls back to the PyTorch path and says why.
-    """
-    import kernel
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(4, D, generator=g)
-    k = centres[torch.randint(0, 4, (1, 2, 203), generator=g)] + 0.1 * torch.randn(1, 2, 203, D, generator=g)
-    v, dout = torch.randn(2, 1, 2, 203, D, generator=g)
-    k, v, dout = (x.to(device=device, dtype=dtype) for x in (k, v, dout))
-    results = []
-    for solve in (kernel.precondition, lambda k, v, eps: BlockedPrecondition.apply(k, v, eps, 64)):
-        with torch.enable_grad():                     # the first call may come from inside torch.no_grad()
-            kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
-            vp = solve(kk, vv, EPS)
-            vp.backward(dout)
-        results.append((vp.detach(), kk.grad, vv.grad))
-    tol = 1e-3 if dtype == torch.float32 else 5e-2    # 16-bit: output rounding and fp16 operands (a bug gives ~1)
-    for name, x, ref in zip(("V'", "dk", "dv"), *results):
-        err = ((x.float() - ref.float()).norm() / ref.float().norm()).item()
-        if not err <= tol:                                                   # catches NaN too
-            return f"its self-check failed on {device} {dtype}: {name} differs from the PyTorch path by {err:.1e}"
-    return None
+_kernel_checked = {}   # (device, dtype, D) -> None if kernel.selfcheck passed (a float64 comparison), else why not
 
 
 def _kernel_unsupported_reason(k, v):
@@ -392,7 +342,7 @@ def _kernel_unsupported_reason(k, v):
     key = (k.device, k.dtype, k.shape[-1])
     if key not in _kernel_checked:
         try:
-            _kernel_checked[key] = _kernel_self_check(*key)
+            _kernel_checked[key] = kernel.selfcheck(*key)
         except Exception as e:
             _kernel_checked[key] = f"its self-check on {k.device} raised {type(e).__name__}: {e}"
     return _kernel_checked[key]
