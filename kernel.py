@@ -45,31 +45,16 @@ def _interpreting():
 
 # ---------------------------------------------------------------------------------------------------------------
 # kernels
+#
+# Four launches per forward + backward, all with BM-row blocks (128 for 16-bit inputs) read in BN-row tiles:
+#   _prologue_kernel   fully parallel: k̂ in the operand type and every diagonal block's inverse (I + stril(A_II))⁻¹
+#   _fwd_kernel        the chain: R = V_I − Σ_{J<I} A_IJ·V'_J over the blocks that are final, V'_I = inverse·R
+#   _bwd_chain_kernel  the reverse chain, only dV = L⁻ᵀG: R = G_J − Σ_{I>J} A_IJᵀ·dV_I, dV_J = inverseᵀ·R
+#   _dk_kernel         fully parallel, twice: the row and the column half of dK̂ = s·(Z + Zᵀ)·K̂
+# State (int32, zeroed per call): [0] ticket, [1] error word, [2] scratch, [3 + head] how many blocks of the head
+# are final. Blocks of a head become final in chain order, so one counter per head replaces a flag per block.
 
 if triton is not None:
-
-    @triton.jit
-    def _load_khat(k_ptr, row0, N, eps, D: tl.constexpr, BS: tl.constexpr):
-        # rows [row0, row0 + BS) of one head's K (N, D) -> k̂ = k / sqrt(mean(k²) + eps), fp32 (BS, D); rows >= N are 0
-        rows = row0 + tl.arange(0, BS)
-        cols = tl.arange(0, D)
-        k = tl.load(k_ptr + rows[:, None] * D + cols[None, :], mask=rows[:, None] < N, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.where(rows < N, tl.sum(k * k, axis=1) / D + eps, 1.0))   # no 0·inf = NaN when eps = 0
-        return k * r[:, None]
-
-    @triton.jit
-    def _op(x, FP16_OPS: tl.constexpr):
-        # tensor-core operand type: fp16 for 16-bit inputs (|k̂_m| <= √d and P in (0, 1] fit; 7x less error than
-        # bf16), fp32 for fp32 inputs
-        if FP16_OPS:
-            return x.to(tl.float16)
-        else:
-            return x
-
-    @triton.jit
-    def _exp_block(ka, kb, c1, c2, HI: tl.constexpr):
-        # E = exp(s·ka·kbᵀ − √d) = exp2(c1·S − c2) with log2(e) folded into c1, c2; fp32 (BS, BS)
-        return tl.exp2(tl.dot(ka, tl.trans(kb), input_precision=HI) * c1 - c2)
 
     @triton.jit
     def _unit_lower_inverse(M, BS: tl.constexpr, HI: tl.constexpr):
@@ -88,7 +73,7 @@ if triton is not None:
             mj = tl.sum(tl.where(col == j, Mb, 0.0), axis=2)     # (NB, 16): column j of each block
             X = X - mj[:, :, None] * xj[:, None, :]
         X = tl.reshape(X, (BS, BS))
-        # 2) merges: [[A, 0], [C, B]]⁻¹ has lower-left block −B⁻¹CA⁻¹, i.e. X <- X − X·C·X with C the part of M
+        # 2) merges: [[P, 0], [C, Q]]⁻¹ has lower-left block −Q⁻¹CP⁻¹, i.e. X <- X − X·C·X with C the part of M
         #    inside 2w-blocks but outside w-blocks (exact: C·X·C = 0)
         w = 16
         while w < BS:
@@ -99,118 +84,229 @@ if triton is not None:
         return X
 
     @triton.jit
-    def _wait(flag_ptr, err_ptr, limit):
-        # bounded acquire spin on one flag: returns 1, or 0 after `limit` polls with the timeout bit set (never hang)
-        f = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
-        n = 0
-        while (f == 0) & (n < limit):
-            f = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
-            n += 1
-        if f == 0:
-            tl.atomic_or(err_ptr, 1)
-        return f
+    def _prologue_kernel(K, KH, KHF, LINV, N, NP, eps, c1, c2,
+                         D: tl.constexpr, BM: tl.constexpr, HI: tl.constexpr, WRITE_F32: tl.constexpr):
+        # Program (I, head), all at once, off the chain. K: (BH, N, D). Writes, for rows of block I: KH k̂ in the
+        # operand type (fp16 for 16-bit inputs, fp32 otherwise) and, for the backward, KHF k̂ in fp32, both padded to
+        # NP rows per head with zeros past N; LINV (BH, T, BM, BM) the exact fp32 inverse of the unit lower
+        # I + stril(A_II), A_II from the rounded k̂ the chain uses (identity on padded rows).
+        I, bh = tl.program_id(0), tl.program_id(1)
+        T = tl.num_programs(0)
+        rm = tl.arange(0, BM)
+        rows = I * BM + rm
+        cols = tl.arange(0, D)
+        live = rows < N
+        k = tl.load(K + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], mask=live[:, None],
+                    other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.where(live, tl.sum(k * k, axis=1) / D + eps, 1.0))    # no 0·inf = NaN on padded rows
+        kf = k * rstd[:, None]
+        kh = kf.to(KH.dtype.element_ty)
+        tile = bh.to(tl.int64) * NP * D + rows[:, None] * D + cols[None, :]
+        tl.store(KH + tile, kh)
+        if WRITE_F32:
+            tl.store(KHF + tile, kf)
+        A = tl.exp2(tl.dot(kh, tl.trans(kh), input_precision=HI) * c1 - c2)       # A_II = exp(s·k̂k̂ᵀ − √d)
+        M = tl.where((rm[:, None] > rm[None, :]) & live[:, None], A, 0.0)         # strictly lower, real rows
+        X = _unit_lower_inverse(M, BM, HI)
+        tl.store(LINV + (bh.to(tl.int64) * T + I) * BM * BM + rm[:, None] * BM + rm[None, :], X)
 
     @triton.jit
-    def _release(STATE, flag_ptr, I, DELAY: tl.constexpr):
+    def _wait(COUNT, ERR, need, limit):
+        # Bounded acquire poll until the head's counter reaches `need`. Gives up after `limit` polls, or at once when
+        # any program has set the error word (a stalled chain fails after one program's wait, not after every one).
+        c = tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
+        n = 0
+        e = 0
+        while (c < need) & (n < limit) & (e == 0):
+            c = tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
+            e = tl.load(ERR, volatile=True)
+            n += 1
+        if c < need:
+            tl.atomic_or(ERR, 1, sem="relaxed")                                    # ERR_TIMEOUT
+        if n > 0:
+            tl.atomic_add(ERR + 1, n, sem="relaxed")   # polls, for the tests (STATE[2]); once per wait that polled
+        return c
+
+    @triton.jit
+    def _publish(STATE, COUNT, value, I, DELAY: tl.constexpr):
         # test hook DELAY: every other block stalls before publishing, to expose ordering / visibility bugs
         if DELAY > 0:
             if I % 2 == 0:
                 for _ in range(DELAY):
-                    tl.atomic_add(STATE + 2, 0)
-        tl.debug_barrier()                                    # every thread's stores are issued before the flag
-        tl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
+                    tl.atomic_add(STATE + 2, 0, sem="relaxed")
+        tl.debug_barrier()                                    # every thread's stores are issued before the release
+        tl.atomic_max(COUNT, value, sem="release", scope="gpu")   # max: a late block never lowers the count
 
     @triton.jit
-    def _fwd_kernel(K, V, VP, VC, STATE, N, BH, T, eps, c1, c2, max_spin,
-                    D: tl.constexpr, BS: tl.constexpr, FP16_OPS: tl.constexpr, HI: tl.constexpr,
-                    DELAY: tl.constexpr, STALL_BLOCK: tl.constexpr):
-        # K, V: (BH, N, D) contiguous. VP: V' output in v's dtype. VC: V' chain copy read by later blocks (fp16 for
-        # 16-bit inputs, fp32 otherwise; may alias VP). STATE int32: [0] ticket, [1] error bits, [2] scratch,
-        # [3 + bh*T + I] flag of block I of head bh.
-        t = tl.atomic_add(STATE, 1)              # start order, not program_id: waits only on started programs
+    def _fwd_kernel(KH, V, LINV, VP, VC, STATE, N, NP, BH, T, c1, c2, max_spin, cap,
+                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
+                    FP16_OPS: tl.constexpr, STAGES: tl.constexpr, DELAY: tl.constexpr, STALL_BLOCK: tl.constexpr):
+        # V: (BH, N, D); VP: V' output, (BH, N, D) in v's dtype; KH, VC: k̂ and the V' chain copy in the operand
+        # type, (BH, NP, D) padded. The ticket (start order, not program_id) means a program only ever waits on
+        # programs that have already started: no deadlock whatever order the GPU dispatches programs in.
+        t = tl.atomic_add(STATE, 1, sem="relaxed")
         I = t // BH                              # head fastest: one wave advances every head's chain
         bh = t % BH
-        base = bh.to(tl.int64) * N * D
-        flags = STATE + 3 + bh * T
-        rl = tl.arange(0, BS)
-        local = rl[:, None] * D + tl.arange(0, D)[None, :]   # offsets of a (BS, D) tile
-        io_mask = (I * BS + rl)[:, None] < N                 # ragged last block
-
-        # everything that needs no other block first, so it overlaps the waits: k̂_I, the diagonal inverse, V_I
-        kI = _op(_load_khat(K + base, I * BS, N, eps, D, BS), FP16_OPS)
-        EII = _exp_block(kI, kI, c1, c2, HI)
-        Linv = _unit_lower_inverse(tl.where(rl[:, None] > rl[None, :], EII, 0.0), BS, HI)
-        R = tl.load(V + base + I * BS * D + local, mask=io_mask, other=0.0).to(tl.float32)
-
+        COUNT = STATE + 3 + bh
+        ERR = STATE + 1
+        pbase = bh.to(tl.int64) * NP * D
+        rm = tl.arange(0, BM)
+        rn = tl.arange(0, BN)
+        cols = tl.arange(0, D)
+        rows = I * BM + rm
+        kI = tl.load(KH + pbase + rows[:, None] * D + cols[None, :])               # (BM, D)
+        R = tl.load(V + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], mask=rows[:, None] < N,
+                    other=0.0).to(tl.float32)
+        # one acquire read: blocks 0 .. done-1 are final, so their tiles stream through a pipelined loop with no
+        # flag checks (loads of later tiles may be issued early: they are already final)
+        done = tl.minimum(tl.minimum(tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu"), I), cap)   # cap: test hook
+        for j0 in tl.range(0, done * BM, BN, num_stages=STAGES):
+            kJ = tl.load(KH + pbase + (j0 + rn)[:, None] * D + cols[None, :])      # (BN, D)
+            A = tl.exp2(tl.dot(kI, tl.trans(kJ), input_precision=HI) * c1 - c2)   # A_IJ tile (BM, BN), fp32
+            vJ = tl.load(VC + pbase + (j0 + rn)[:, None] * D + cols[None, :])     # V'_J tile (BN, D)
+            R -= tl.dot(A.to(VC.dtype.element_ty), vJ, input_precision=HI)      # fp32 accumulate
+        # the blocks still in flight: wait for each (in order), one stage, so no V'_J load is issued before its poll
         limit = max_spin
-        for J in range(0, I):                    # farthest first: J = I-1, the likely laggard, comes last
-            kJ = _op(_load_khat(K + base, J * BS, N, eps, D, BS), FP16_OPS)
-            P = _exp_block(kI, kJ, c1, c2, HI)   # (BS, BS), needs no flag
-            f = _wait(flags + J, STATE + 1, limit)
-            limit = tl.where(f == 0, 0, limit)   # after a timeout stop waiting: finish, publish, the host raises
-            # the address depends on the polled value (f - 1 = 0), so no load of V'_J can be hoisted above the poll
-            vJ = tl.load(VC + base + J * BS * D + local + (tl.maximum(f, 1) - 1), cache_modifier=".cg")   # L2, not L1
-            R -= tl.dot(P.to(VC.dtype.element_ty), vJ, input_precision=HI)   # fp32 accumulate
-
-        X = tl.dot(Linv, R, input_precision=HI)  # V'_I (BS, D), fp32
+        for J in tl.range(done, I, num_stages=1):
+            c = _wait(COUNT, ERR, J + 1, limit)
+            limit = tl.where(c > J, limit, 0)    # after a give-up: no more waiting, the result is poisoned below
+            for sub in tl.static_range(BM // BN):
+                j0 = J * BM + sub * BN
+                kJ = tl.load(KH + pbase + (j0 + rn)[:, None] * D + cols[None, :])
+                A = tl.exp2(tl.dot(kI, tl.trans(kJ), input_precision=HI) * c1 - c2)
+                vJ = tl.load(VC + pbase + (j0 + rn)[:, None] * D + cols[None, :])
+                R -= tl.dot(A.to(VC.dtype.element_ty), vJ, input_precision=HI)
+        Linv = tl.load(LINV + (bh.to(tl.int64) * T + I) * BM * BM + rm[:, None] * BM + rm[None, :])
+        X = tl.dot(Linv, R, input_precision=HI)                                    # V'_I (BM, D), fp32
+        X = tl.where(rows[:, None] < N, X, 0.0)                                     # padded rows stay 0
+        bad = tl.load(ERR, volatile=True) != 0   # a chain that gave up anywhere returns NaN, never plausible numbers
         if FP16_OPS:
-            if tl.max(tl.abs(tl.where(io_mask, X, 0.0))) > 65504.0:   # the fp16 chain copy would overflow
-                tl.atomic_or(STATE + 1, 2)
-        tl.store(VC + base + I * BS * D + local, X.to(VC.dtype.element_ty), mask=io_mask)
-        tl.store(VP + base + I * BS * D + local, X.to(VP.dtype.element_ty), mask=io_mask)
+            over = tl.max(tl.abs(X)) > 65504.0   # the fp16 chain copy would overflow
+            if over:
+                tl.atomic_or(ERR, 2, sem="relaxed")                                # ERR_FP16_OVERFLOW
+            bad = bad | over
+        X = tl.where(bad, float("nan"), X)
+        tl.store(VC + pbase + rows[:, None] * D + cols[None, :], X.to(VC.dtype.element_ty))
+        tl.store(VP + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], X.to(VP.dtype.element_ty),
+                 mask=rows[:, None] < N)
         if I != STALL_BLOCK:                     # test hook: a block that never publishes
-            _release(STATE, flags + I, I, DELAY)
+            _publish(STATE, COUNT, I + 1, I, DELAY)
 
     @triton.jit
-    def _bwd_kernel(K, VC, G, DV, DKH, STATE, N, BH, T, eps, c1, c2, s, max_spin,
-                    D: tl.constexpr, BS: tl.constexpr, FP16_OPS: tl.constexpr, HI: tl.constexpr,
-                    LO: tl.constexpr, DELAY: tl.constexpr):
-        # Reverse chain. Program J owns dV_J = (I + stril(E_JJ))⁻ᵀ (G_J − Σ_{I>J} E_IJᵀ dV_I) and the key-gradient
-        # pairs (I, J), I > J: Z = −(dV_I V'_Jᵀ) ∘ E_IJ, dK̂_J += s Zᵀ K̂_I (registers), dK̂_I += s Z K̂_J (fp32 atomics
-        # into DKH): 5 GEMMs per block pair. K, VC (V' as saved by the forward), G: (BH, N, D). DV: fp32 dV, also
-        # the chain copy. DKH: fp32 dK̂, zeroed. STATE as in the forward. Gradient GEMMs take tf32 operands (LO) for
-        # 16-bit inputs: fp16 would underflow at gradient scale (~1e-6), bf16 costs ~5x the dK error.
-        t = tl.atomic_add(STATE, 1)
+    def _bwd_chain_kernel(KH, G, LINV, DV, STATE, N, NP, BH, T, c1, c2, max_spin, cap,
+                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
+                          LO: tl.constexpr, STAGES: tl.constexpr, DELAY: tl.constexpr, STALL_BLOCK: tl.constexpr):
+        # The reverse chain computes only dV = L⁻ᵀG: R = G_J − Σ_{I>J} A_IJᵀ·dV_I, dV_J = (I + stril(A_JJ))⁻ᵀ·R.
+        # 2 GEMMs per block pair, no atomics. G: (BH, N, D); DV: fp32 dV, (BH, NP, D) padded, also the chain copy.
+        # The count of a head is how many blocks from the end are final. dV takes tf32 (LO) on a GPU: fp16 would
+        # underflow at gradient scale (~1e-6).
+        t = tl.atomic_add(STATE, 1, sem="relaxed")
         J = T - 1 - t // BH
         bh = t % BH
-        base = bh.to(tl.int64) * N * D
-        flags = STATE + 3 + bh * T
-        rl = tl.arange(0, BS)
-        local = rl[:, None] * D + tl.arange(0, D)[None, :]
-        mJ = (J * BS + rl)[:, None] < N
-        lower = rl[:, None] > rl[None, :]
-
-        kJf = _load_khat(K + base, J * BS, N, eps, D, BS)
-        kJ = _op(kJf, FP16_OPS)
-        EJJ = _exp_block(kJ, kJ, c1, c2, HI)
-        Linv = _unit_lower_inverse(tl.where(lower, EJJ, 0.0), BS, HI)
-        vpJ = tl.load(VC + base + J * BS * D + local, mask=mJ, other=0.0).to(tl.float32)
-        R = tl.load(G + base + J * BS * D + local, mask=mJ, other=0.0).to(tl.float32)
-        dkJ = tl.zeros((BS, D), dtype=tl.float32)
-
+        COUNT = STATE + 3 + bh
+        ERR = STATE + 1
+        pbase = bh.to(tl.int64) * NP * D
+        rm = tl.arange(0, BM)
+        rn = tl.arange(0, BN)
+        cols = tl.arange(0, D)
+        rows = J * BM + rm
+        kJ = tl.load(KH + pbase + rows[:, None] * D + cols[None, :])
+        R = tl.load(G + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], mask=rows[:, None] < N,
+                    other=0.0).to(tl.float32)
+        done = tl.minimum(tl.minimum(tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu"), T - 1 - J), cap)
+        top = T * BM
+        for step in tl.range(0, done * (BM // BN), num_stages=STAGES):             # final tiles, last row first
+            i0 = top - (step + 1) * BN
+            kI = tl.load(KH + pbase + (i0 + rn)[:, None] * D + cols[None, :])
+            At = tl.exp2(tl.dot(kJ, tl.trans(kI), input_precision=HI) * c1 - c2)  # A_IJᵀ tile (BM, BN)
+            dvI = tl.load(DV + pbase + (i0 + rn)[:, None] * D + cols[None, :])
+            R -= tl.dot(At, dvI, input_precision=LO)
         limit = max_spin
-        for step in range(0, T - 1 - J):         # I = T-1 down to J+1: farthest first
-            I = T - 1 - step
-            mI = (I * BS + rl)[:, None] < N
-            kIf = _load_khat(K + base, I * BS, N, eps, D, BS)
-            E = _exp_block(_op(kIf, FP16_OPS), kJ, c1, c2, HI)          # E_IJ (BS_I, BS_J)
-            f = _wait(flags + I, STATE + 1, limit)
-            limit = tl.where(f == 0, 0, limit)
-            dvI = tl.load(DV + base + I * BS * D + local + (tl.maximum(f, 1) - 1), mask=mI, other=0.0,
-                          cache_modifier=".cg")
-            R -= tl.dot(tl.trans(E), dvI, input_precision=LO)
-            Z = -tl.dot(dvI, tl.trans(vpJ), input_precision=LO) * E    # rows ≥ N are 0 since dvI is
-            dkJ += tl.dot(tl.trans(Z), kIf, input_precision=LO)
-            tl.atomic_add(DKH + base + I * BS * D + local, s * tl.dot(Z, kJf, input_precision=LO), mask=mI)
+        for q in tl.range(0, T - 1 - J - done, num_stages=1):
+            I = T - 1 - done - q
+            c = _wait(COUNT, ERR, T - I, limit)
+            limit = tl.where(c >= T - I, limit, 0)
+            for sub in tl.static_range(BM // BN):
+                i0 = (I + 1) * BM - (sub + 1) * BN
+                kI = tl.load(KH + pbase + (i0 + rn)[:, None] * D + cols[None, :])
+                At = tl.exp2(tl.dot(kJ, tl.trans(kI), input_precision=HI) * c1 - c2)
+                dvI = tl.load(DV + pbase + (i0 + rn)[:, None] * D + cols[None, :])
+                R -= tl.dot(At, dvI, input_precision=LO)
+        Linv = tl.load(LINV + (bh.to(tl.int64) * T + J) * BM * BM + rm[:, None] * BM + rm[None, :])
+        X = tl.dot(tl.trans(Linv), R, input_precision=HI)     # back substitution with the unit upper Lᵀ
+        X = tl.where(rows[:, None] < N, X, 0.0)                # padded rows stay 0: later tiles read them
+        X = tl.where(tl.load(ERR, volatile=True) != 0, float("nan"), X)
+        tl.store(DV + pbase + rows[:, None] * D + cols[None, :], X)
+        if J != STALL_BLOCK:
+            _publish(STATE, COUNT, T - J, J, DELAY)
 
-        dvJ = tl.dot(tl.trans(Linv), R, input_precision=HI)            # back substitution with the unit upper Lᵀ
-        tl.store(DV + base + J * BS * D + local, dvJ, mask=mJ)
-        _release(STATE, flags + J, J, DELAY)
-
-        # diagonal block, after the release (off the chain's critical path): Z = −(dV_J V'_Jᵀ) ∘ stril(E_JJ)
-        Z = tl.where(lower, -tl.dot(dvJ, tl.trans(vpJ), input_precision=LO) * EJJ, 0.0)
-        dkJ += tl.dot(Z + tl.trans(Z), kJf, input_precision=LO)
-        tl.atomic_add(DKH + base + J * BS * D + local, s * dkJ, mask=mJ)
+    @triton.jit
+    def _dk_kernel(KHF, VC, DV, DKH, N, NP, c1, c2,
+                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr, LO: tl.constexpr,
+                   ZK: tl.constexpr, FP16_OPS: tl.constexpr, COLUMNS: tl.constexpr, STAGES: tl.constexpr):
+        # One half of dK̂/s = (Z + Zᵀ)·K̂, Z_ij = −(dv_i·v'_j)·A_ij for j < i, fully parallel (no flags, no atomics),
+        # split as FlashAttention-2 splits dQ from dK/dV. Program (block B, head):
+        #   rows    (COLUMNS=False): out_B = Σ_{J ≤ B} Z_BJ·K̂_J     (needs dV_B, streams k̂_J, V'_J)
+        #   columns (COLUMNS=True):  out_B = Σ_{I ≥ B} Z_IBᵀ·K̂_I    (needs V'_B, streams k̂_I, dV_I)
+        # KHF: fp32 k̂, DV: fp32 dV, VC: the forward's V' chain copy, DKH: (2, BH, NP, D) fp32, all padded.
+        # A is formed from k̂ rounded as in the forward; Z·K̂ takes fp32 k̂ (ZK, tf32x3 on a GPU): rounding k̂ there
+        # dominates the dk error for near-duplicate keys.
+        Bk, bh = tl.program_id(0), tl.program_id(1)
+        T = tl.num_programs(0)
+        pbase = bh.to(tl.int64) * NP * D
+        rm = tl.arange(0, BM)
+        rn = tl.arange(0, BN)
+        cols = tl.arange(0, D)
+        rows = Bk * BM + rm
+        own = pbase + rows[:, None] * D + cols[None, :]
+        kB = tl.load(KHF + own)
+        if FP16_OPS:
+            kB16 = kB.to(tl.float16)
+        else:
+            kB16 = kB
+        if COLUMNS:
+            xB = tl.load(VC + own).to(tl.float32)                # V'_B
+            lo, hi = (Bk + 1) * BM, T * BM
+        else:
+            xB = tl.load(DV + own)                               # dV_B
+            lo, hi = 0, Bk * BM
+        acc = tl.zeros((BM, D), dtype=tl.float32)
+        # off-diagonal tiles: all of Z there
+        for j0 in tl.range(lo, hi, BN, num_stages=STAGES):
+            tile = pbase + (j0 + rn)[:, None] * D + cols[None, :]
+            kT = tl.load(KHF + tile)                                                # (BN, D) fp32 k̂
+            if FP16_OPS:
+                kT16 = kT.to(tl.float16)
+            else:
+                kT16 = kT
+            A = tl.exp2(tl.dot(kB16, tl.trans(kT16), input_precision=HI) * c1 - c2)   # (BM, BN)
+            if COLUMNS:
+                yT = tl.load(DV + tile)                                             # dV_I tile
+            else:
+                yT = tl.load(VC + tile).to(tl.float32)                              # V'_J tile
+            Z = -tl.dot(xB, tl.trans(yT), input_precision=LO) * A
+            acc += tl.dot(Z, kT, input_precision=ZK)
+        # the diagonal block: strictly lower Z (rows: j < i; columns: i > j)
+        for sub in tl.static_range(BM // BN):
+            j0 = Bk * BM + sub * BN
+            tile = pbase + (j0 + rn)[:, None] * D + cols[None, :]
+            kT = tl.load(KHF + tile)
+            if FP16_OPS:
+                kT16 = kT.to(tl.float16)
+            else:
+                kT16 = kT
+            A = tl.exp2(tl.dot(kB16, tl.trans(kT16), input_precision=HI) * c1 - c2)
+            if COLUMNS:
+                yT = tl.load(DV + tile)
+                keep = (j0 + rn)[None, :] > rows[:, None]
+            else:
+                yT = tl.load(VC + tile).to(tl.float32)
+                keep = (j0 + rn)[None, :] < rows[:, None]
+            Z = tl.where(keep, -tl.dot(xB, tl.trans(yT), input_precision=LO) * A, 0.0)
+            acc += tl.dot(Z, kT, input_precision=ZK)
+        if COLUMNS:
+            own += tl.num_programs(1).to(tl.int64) * NP * D                       # the second half of DKH
+        tl.store(DKH + own, acc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,114 +344,156 @@ def supports(k, v):
     return None
 
 
-def _block(N, fp16_ops, block_size):
-    # Default rows per block, from compiling both kernels for sm_90 and sm_80 and reading ptxas's register and
-    # shared-memory use: 32 (16-bit inputs) and 16 (fp32) are the largest without heavy register spills. 64 and
-    # 128 (explicit block_size) spill; 128 can exceed shared memory, and then _run_chain falls back to smaller blocks.
+def config(D, fp16_ops, N=None, block_size=None):
+    """Launch shape (BM rows per block, BN rows per inner tile, warps, pipeline stages). Defaults come from
+    `python kernel.py --report` (ahead-of-time compiles for sm_90 / sm_80): the largest tiles without spills."""
     if block_size is None:
-        return min(32 if fp16_ops else 16, max(16, triton.next_power_of_2(N)))
-    if block_size not in BLOCK_SIZES:
+        BM = 128 if fp16_ops else 64
+        if N is not None:
+            BM = min(BM, max(16, triton.next_power_of_2(N)))
+    elif block_size in BLOCK_SIZES:
+        BM = block_size
+    else:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
-    return block_size
+    BN = min(BM, 64 if fp16_ops else 32)
+    return BM, BN, 8 if BM >= 128 else 4, 2
 
 
-def _consts(D, k, v, fp32_ops=False):
-    fp16_ops = not fp32_ops and k.dtype != torch.float32 and v.dtype != torch.float32
+def _consts(D, fp16_ops):
     hi = "ieee" if _interpreting() else "tf32x3"       # ~fp32 accuracy on tensor cores
     s = D ** -0.5
-    return dict(fp16_ops=fp16_ops, hi=hi, lo="tf32" if fp16_ops and hi != "ieee" else hi,
-                s=s, c1=s * LOG2E, c2=math.sqrt(D) * LOG2E)
+    return dict(hi=hi, lo="tf32" if hi != "ieee" and fp16_ops else hi, s=s, c1=s * LOG2E, c2=math.sqrt(D) * LOG2E)
 
 
 def _max_spin(max_spin):
-    # polls before a wait gives up; on a GPU a poll is ~1 µs. In the interpreter a wait on an earlier program
-    # returns at once and a wait on a later one can never succeed, so keep the cap small there.
-    return max_spin if max_spin is not None else (1000 if _interpreting() else 1 << 24)
+    # polls before a wait gives up; on a GPU a poll is ~1 µs and a legitimate wait is at most the chain's length
+    # (milliseconds). In the interpreter a wait on an earlier program returns at once and a wait on a later one can
+    # never succeed, so keep the cap small there.
+    return max_spin if max_spin is not None else (1000 if _interpreting() else 1 << 21)
 
 
-def _check(state, what):
-    err = int(state[1].item())    # one host sync per call: a failed chain must raise, not return garbage
-    if err & ERR_TIMEOUT:
+POISON = False   # test hook: every buffer the kernels write starts as NaN, so stale memory never passes as a result
+
+
+def _buffer(*shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device) if POISON else torch.empty(
+        shape, dtype=dtype, device=device)
+
+
+CHECK = os.environ.get("LUCID_KERNEL_CHECK") == "1"   # debug: read the error word after every call (a host sync)
+
+
+def check(state, what="forward"):
+    """Raise if the error word of a call's state tensor says a chain gave up (reads it: a host sync)."""
+    e = int(state[1].item())
+    if e & ERR_TIMEOUT:
         raise RuntimeError(f"LUCID kernel chain wait timed out in the {what} kernel: a program waited more than "
-                           f"max_spin polls for an earlier block's flag (ordering bug, or a GPU too oversubscribed)")
-    return err
+                           f"max_spin polls for an earlier block (ordering bug, or a GPU too oversubscribed)")
+    if e & ERR_FP16_OVERFLOW:
+        raise OverflowError(f"LUCID kernel: |V'| > 65504 does not fit the fp16 chain copy ({what})")
+    return e
 
 
-def _run_chain(launch, N, BH, BS, device, what):
-    """launch(grid, state, T, BS) with a fresh zeroed ticket and flags; returns the error word. A block size that
-    does not fit the GPU (shared memory) is halved: the result does not depend on the block size."""
-    while True:
-        T = triton.cdiv(N, BS)
-        state = torch.zeros(3 + BH * T, dtype=torch.int32, device=device)   # ticket, error bits, scratch, flags
-        try:
-            launch((BH * T,), state, T, BS)
-        except triton.runtime.errors.OutOfResources:
-            if BS <= 16:
-                raise
-            BS //= 2
-            continue
-        return _check(state, what)
+def _prologue(k, BM, D, fp16_ops, eps, c, write_f32):
+    """Fully parallel: k̂ (operand type, padded), fp32 k̂ (backward only), every diagonal block's exact inverse."""
+    BH, N = k.shape[0], k.shape[1]
+    T = triton.cdiv(N, BM)
+    kh = _buffer(BH, T * BM, D, dtype=torch.float16 if fp16_ops else torch.float32, device=k.device)
+    khf = _buffer(BH, T * BM, D, dtype=torch.float32, device=k.device) if write_f32 else kh
+    linv = _buffer(BH, T, BM, BM, dtype=torch.float32, device=k.device)
+    _prologue_kernel[(T, BH)](k, kh, khf, linv, N, T * BM, eps, c["c1"], c["c2"], D=D, BM=BM, HI=c["hi"],
+                              WRITE_F32=write_f32, num_warps=8 if BM >= 128 else 4)
+    return kh, khf, linv
 
 
-def _forward(k, v, eps, block_size=None, max_spin=None, fp32_ops=False, _delay=0, _stall_block=-1):
-    """V' (v's dtype) and the chain copy the backward reads (fp16 for 16-bit inputs, else fp32; may be V')."""
+def _forward(k, v, eps, block_size=None, max_spin=None, fp32_ops=False, sync=None, _delay=0, _stall_block=-1,
+             _cap=1 << 30):
+    """(V' in v's dtype, the padded chain copy the backward reads, BM, the state). sync (default CHECK) reads
+    the error word: a timeout raises, an fp16 overflow is redone with fp32 operands. Without sync nothing waits on
+    the host (CUDA-graph capturable) and a failed chain leaves NaN in V'."""
     B, H, N, D = v.shape
-    k, v = k.contiguous(), v.contiguous()
-    c = _consts(D, k, v, fp32_ops)
+    BH = B * H
+    k, v = k.reshape(BH, N, D).contiguous(), v.reshape(BH, N, D).contiguous()
+    fp16_ops = not fp32_ops and k.dtype != torch.float32 and v.dtype != torch.float32
+    c = _consts(D, fp16_ops)
+    BM, BN, warps, stages = config(D, fp16_ops, N, block_size)
     # the interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest), so there torch does that cast
     out_dtype = torch.float32 if _interpreting() and v.dtype == torch.bfloat16 else v.dtype
-    vp = torch.empty(v.shape, dtype=out_dtype, device=v.device)
-    chain_dtype = torch.float16 if c["fp16_ops"] else torch.float32
-    vc = vp if out_dtype == chain_dtype else torch.empty(v.shape, dtype=chain_dtype, device=v.device)
+    while True:
+        T = triton.cdiv(N, BM)
+        try:
+            kh, _, linv = _prologue(k, BM, D, fp16_ops, eps, c, False)
+            vp = _buffer(BH, N, D, dtype=out_dtype, device=v.device)
+            vc = _buffer(BH, T * BM, D, dtype=kh.dtype, device=v.device)
+            state = torch.zeros(3 + BH, dtype=torch.int32, device=v.device)
+            _fwd_kernel[(BH * T,)](kh, v, linv, vp, vc, state, N, T * BM, BH, T, c["c1"], c["c2"],
+                                   _max_spin(max_spin), _cap, D=D, BM=BM, BN=min(BN, BM), HI=c["hi"], FP16_OPS=fp16_ops,
+                                   STAGES=stages, DELAY=_delay, STALL_BLOCK=_stall_block, num_warps=warps)
+        except triton.runtime.errors.OutOfResources:      # too big for this GPU's shared memory: halve the blocks
+            if BM <= 16:
+                raise
+            BM, warps = BM // 2, 4
+            continue
+        break
+    if sync if sync is not None else CHECK:
+        try:
+            check(state)
+        except OverflowError:
+            return _forward(k.view(B, H, N, D), v.view(B, H, N, D), eps, block_size, max_spin, True, sync, _delay,
+                            _stall_block, _cap)
+    return vp.view(B, H, N, D).to(v.dtype), vc, BM, state
 
-    def launch(grid, state, T, BS):
-        _fwd_kernel[grid](k, v, vp, vc, state, N, B * H, T, eps, c["c1"], c["c2"], _max_spin(max_spin),
-                          D=D, BS=BS, FP16_OPS=c["fp16_ops"], HI=c["hi"], DELAY=_delay, STALL_BLOCK=_stall_block,
-                          num_warps=8 if BS >= 128 else 4, num_stages=1)   # 1 stage: see the V'_J load
-    err = _run_chain(launch, N, B * H, _block(N, c["fp16_ops"], block_size), v.device, "forward")
-    if err & ERR_FP16_OVERFLOW:   # |V'| > 65504 does not fit the fp16 chain copy: redo with fp32 operands (rare)
-        return _forward(k, v, eps, block_size, max_spin, True, _delay, _stall_block)
-    return vp.to(v.dtype), vc
 
-
-def _backward(k, vc, g, eps, block_size=None, max_spin=None, _delay=0):
-    """(dk, dv) in fp32 for the upstream gradient g = dL/dV'. Independent of the forward's block size."""
+def _backward(k, vc, g, eps, BM, max_spin=None, sync=None, _delay=0, _stall_block=-1, _cap=1 << 30):
+    """(dk, dv) in fp32 and the state, for the upstream gradient g = dL/dV' and the forward's chain copy vc
+    (padded, BM-row blocks)."""
     B, H, N, D = g.shape
-    k, g = k.contiguous(), g.contiguous()
-    c = _consts(D, k, vc, fp32_ops=vc.dtype == torch.float32)
-    dv = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    dkh = torch.empty(g.shape, dtype=torch.float32, device=g.device)   # dk̂, accumulated by fp32 atomics
-
-    def launch(grid, state, T, BS):
-        dkh.zero_()
-        _bwd_kernel[grid](k, vc, g, dv, dkh, state, N, B * H, T, eps, c["c1"], c["c2"], c["s"], _max_spin(max_spin),
-                          D=D, BS=BS, FP16_OPS=c["fp16_ops"], HI=c["hi"], LO=c["lo"], DELAY=_delay,
-                          num_warps=8 if BS >= 128 or D >= 128 else 4, num_stages=1)
-    _run_chain(launch, N, B * H, _block(N, c["fp16_ops"], block_size), g.device, "backward")
-    # RMSNorm backward (elementwise, fp32): dk = r ⊙ (dk̂ − k̂ (k̂·dk̂)/d)
-    kh, rstd = _rms_normalize(k, eps)
-    return rstd * (dkh - kh * (kh * dkh).sum(-1, keepdim=True) / D), dv
+    BH = B * H
+    k, g = k.reshape(BH, N, D).contiguous(), g.reshape(BH, N, D).contiguous()
+    fp16_ops = vc.dtype == torch.float16
+    c = _consts(D, fp16_ops)
+    _, BN, warps, stages = config(D, fp16_ops, N, BM)
+    BN = min(BN, BM)
+    T = triton.cdiv(N, BM)
+    kh, khf, linv = _prologue(k, BM, D, fp16_ops, eps, c, True)
+    dv = _buffer(BH, T * BM, D, dtype=torch.float32, device=g.device)
+    state = torch.zeros(3 + BH, dtype=torch.int32, device=g.device)
+    _bwd_chain_kernel[(BH * T,)](kh, g, linv, dv, state, N, T * BM, BH, T, c["c1"], c["c2"], _max_spin(max_spin),
+                                 _cap, D=D, BM=BM, BN=BN, HI=c["hi"], LO=c["lo"], STAGES=stages, DELAY=_delay,
+                                 STALL_BLOCK=_stall_block, num_warps=warps)
+    dkh = _buffer(2, BH, T * BM, D, dtype=torch.float32, device=g.device)
+    for columns in (False, True):
+        _dk_kernel[(T, BH)](khf, vc, dv, dkh, N, T * BM, c["c1"], c["c2"], D=D, BM=BM, BN=BN, HI=c["hi"],
+                            LO=c["lo"], ZK=c["hi"], FP16_OPS=fp16_ops, COLUMNS=columns, STAGES=stages,
+                            num_warps=warps)
+    if sync if sync is not None else CHECK:
+        check(state, "backward")
+    # RMSNorm backward (elementwise, fp32): dk = r ⊙ (dk̂ − k̂ (k̂·dk̂)/d), dk̂ = s·(row half + column half)
+    kf, rstd = _rms_normalize(k, eps)
+    dkh = c["s"] * (dkh[0, :, :N] + dkh[1, :, :N])
+    dk = rstd * (dkh - kf * (kf * dkh).sum(-1, keepdim=True) / D)
+    return dk.view(B, H, N, D), dv[:, :N].reshape(B, H, N, D), state
 
 
 class _Precondition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, eps, block_size):
-        vp, vc = _forward(k, v, eps, block_size)
+        vp, vc, BM, _ = _forward(k, v, eps, block_size)
         ctx.save_for_backward(k, vc)
-        ctx.eps, ctx.block_size, ctx.v_dtype = eps, block_size, v.dtype
+        ctx.eps, ctx.BM, ctx.v_dtype = eps, BM, v.dtype
         return vp
 
     @staticmethod
     def backward(ctx, g):
         k, vc = ctx.saved_tensors
-        dk, dv = _backward(k, vc, g, ctx.eps, ctx.block_size)
+        dk, dv, _ = _backward(k, vc, g, ctx.eps, ctx.BM)
         return dk.to(k.dtype), dv.to(ctx.v_dtype), None, None
 
 
 def precondition(k, v, eps=EPS, block_size=None):
-    """V' = (I + stril(exp(s·K̂K̂ᵀ − √d)))⁻¹ V for k, v of shape (B, H_kv, T, D); differentiable in k and v.
-    Assumes supports(k, v) is None. block_size: rows per block (16, 32, 64, 128); default 32 for 16-bit inputs and
-    16 for fp32 (see _block)."""
+    """V' = (I + stril(A))⁻¹ V, A = exp(s·K̂K̂ᵀ − √d), for k, v of shape (B, H_kv, T, D); differentiable in k and v.
+    Assumes supports(k, v) is None. block_size: rows per block (16, 32, 64, 128); by default 128 for 16-bit inputs
+    and 64 for fp32 (see config). No host sync: a chain that gives up returns NaN (LUCID_KERNEL_CHECK=1 raises)."""
     if v.numel() == 0:
         return v.clone()
     on_gpu = torch.cuda.device(k.device) if k.device.type == "cuda" else contextlib.nullcontext()
@@ -535,9 +673,9 @@ def decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, eps=
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
     rc = rstd_cache if lucid_solve else k_cache                             # unused without the solve
-    part_acc = torch.empty(B * Hkv * n_splits, ROWS, D, dtype=acc_dtype, device=q.device)
-    part_m = torch.empty(B * Hkv * n_splits, ROWS, dtype=acc_dtype, device=q.device)
-    part_l = torch.empty_like(part_m)
+    part_acc = _buffer(B * Hkv * n_splits, ROWS, D, dtype=acc_dtype, device=q.device)
+    part_m = _buffer(B * Hkv * n_splits, ROWS, dtype=acc_dtype, device=q.device)
+    part_l = _buffer(B * Hkv * n_splits, ROWS, dtype=acc_dtype, device=q.device)
     scale = D ** -0.5
     _decode_partial_kernel[(B * Hkv, n_splits)](
         q3, kt, k_cache, vp_cache, rc, start, length_ptr, part_acc, part_m, part_l, 0 if on_device else length,
@@ -545,9 +683,9 @@ def decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, eps=
         *k_cache.stride()[:3], *vp_cache.stride()[:3], *rc.stride()[:3],
         D=D, ROWS=ROWS, BLOCK_N=DECODE_BLOCK_N, F64=f64, FP16_DOT=k_cache.element_size() == 2, LUCID=lucid_solve,
         LENGTH_ON_DEVICE=on_device)
-    o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    vp_t = torch.empty(B, Hkv, D, dtype=v.dtype, device=q.device)
-    rstd_t = torch.empty(B, Hkv, dtype=acc_dtype, device=q.device)
+    o = _buffer(B, H, D, dtype=q.dtype, device=q.device)
+    vp_t = _buffer(B, Hkv, D, dtype=v.dtype, device=q.device)
+    rstd_t = _buffer(B, Hkv, dtype=acc_dtype, device=q.device)
     _decode_merge_kernel[(B * Hkv,)](
         q3, kt, vt, part_acc, part_m, part_l, o, vp_t, rstd_t, n_splits, Hkv, G, scale, eps, q3.stride(0),
         q3.stride(1), kt.stride(0), kt.stride(1), vt.stride(0), vt.stride(1), o.stride(0), o.stride(1),
