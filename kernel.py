@@ -84,11 +84,11 @@ if triton is not None:
         return X
 
     @triton.jit
-    def _prologue_kernel(K, KH, KHF, LINV, N, NP, eps, c1, c2,
+    def _prologue_kernel(K, KH, KHF, LINV, N, eps, c1, c2,
                          D: tl.constexpr, BM: tl.constexpr, HI: tl.constexpr, WRITE_F32: tl.constexpr):
         # Program (I, head), all at once, off the chain. K: (BH, N, D). Writes, for rows of block I: KH k̂ in the
         # operand type (fp16 for 16-bit inputs, fp32 otherwise) and, for the backward, KHF k̂ in fp32, both padded to
-        # NP rows per head with zeros past N; LINV (BH, T, BM, BM) the exact fp32 inverse of the unit lower
+        # T·BM rows per head with zeros past N; LINV (BH, T, BM, BM) the exact fp32 inverse of the unit lower
         # I + stril(A_II), A_II from the rounded k̂ the chain uses (identity on padded rows).
         I, bh = tl.program_id(0), tl.program_id(1)
         T = tl.num_programs(0)
@@ -101,7 +101,7 @@ if triton is not None:
         rstd = tl.rsqrt(tl.where(live, tl.sum(k * k, axis=1) / D + eps, 1.0))    # no 0·inf = NaN on padded rows
         kf = k * rstd[:, None]
         kh = kf.to(KH.dtype.element_ty)
-        tile = bh.to(tl.int64) * NP * D + rows[:, None] * D + cols[None, :]
+        tile = bh.to(tl.int64) * T * (BM * D) + rows[:, None] * D + cols[None, :]
         tl.store(KH + tile, kh)
         if WRITE_F32:
             tl.store(KHF + tile, kf)
@@ -138,18 +138,18 @@ if triton is not None:
         tl.atomic_max(COUNT, value, sem="release", scope="gpu")   # max: a late block never lowers the count
 
     @triton.jit
-    def _fwd_kernel(KH, V, LINV, VP, VC, STATE, N, NP, BH, T, c1, c2, max_spin, cap,
+    def _fwd_kernel(KH, V, LINV, VP, VC, STATE, N, BH, T, c1, c2, max_spin, cap,
                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
                     FP16_OPS: tl.constexpr, STAGES: tl.constexpr, DELAY: tl.constexpr, STALL_BLOCK: tl.constexpr):
         # V: (BH, N, D); VP: V' output, (BH, N, D) in v's dtype; KH, VC: k̂ and the V' chain copy in the operand
-        # type, (BH, NP, D) padded. The ticket (start order, not program_id) means a program only ever waits on
+        # type, (BH, T·BM, D) padded. The ticket (start order, not program_id) means a program only ever waits on
         # programs that have already started: no deadlock whatever order the GPU dispatches programs in.
         t = tl.atomic_add(STATE, 1, sem="relaxed")
         I = t // BH                              # head fastest: one wave advances every head's chain
         bh = t % BH
         COUNT = STATE + 3 + bh
         ERR = STATE + 1
-        pbase = bh.to(tl.int64) * NP * D
+        pbase = bh.to(tl.int64) * T * (BM * D)
         rm = tl.arange(0, BM)
         rn = tl.arange(0, BN)
         cols = tl.arange(0, D)
@@ -193,11 +193,11 @@ if triton is not None:
             _publish(STATE, COUNT, I + 1, I, DELAY)
 
     @triton.jit
-    def _bwd_chain_kernel(KH, G, LINV, DV, STATE, N, NP, BH, T, c1, c2, max_spin, cap,
+    def _bwd_chain_kernel(KH, G, LINV, DV, STATE, N, BH, T, c1, c2, max_spin, cap,
                           D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
                           LO: tl.constexpr, STAGES: tl.constexpr, DELAY: tl.constexpr, STALL_BLOCK: tl.constexpr):
         # The reverse chain computes only dV = L⁻ᵀG: R = G_J − Σ_{I>J} A_IJᵀ·dV_I, dV_J = (I + stril(A_JJ))⁻ᵀ·R.
-        # 2 GEMMs per block pair, no atomics. G: (BH, N, D); DV: fp32 dV, (BH, NP, D) padded, also the chain copy.
+        # 2 GEMMs per block pair, no atomics. G: (BH, N, D); DV: fp32 dV, (BH, T·BM, D) padded, also the chain copy.
         # The count of a head is how many blocks from the end are final. dV takes tf32 (LO) on a GPU: fp16 would
         # underflow at gradient scale (~1e-6).
         t = tl.atomic_add(STATE, 1, sem="relaxed")
@@ -205,7 +205,7 @@ if triton is not None:
         bh = t % BH
         COUNT = STATE + 3 + bh
         ERR = STATE + 1
-        pbase = bh.to(tl.int64) * NP * D
+        pbase = bh.to(tl.int64) * T * (BM * D)
         rm = tl.arange(0, BM)
         rn = tl.arange(0, BN)
         cols = tl.arange(0, D)
@@ -241,19 +241,19 @@ if triton is not None:
             _publish(STATE, COUNT, T - J, J, DELAY)
 
     @triton.jit
-    def _dk_kernel(KHF, VC, DV, DKH, N, NP, c1, c2,
+    def _dk_kernel(KHF, VC, DV, DKH, N, c1, c2,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr, LO: tl.constexpr,
                    ZK: tl.constexpr, FP16_OPS: tl.constexpr, COLUMNS: tl.constexpr, STAGES: tl.constexpr):
         # One half of dK̂/s = (Z + Zᵀ)·K̂, Z_ij = −(dv_i·v'_j)·A_ij for j < i, fully parallel (no flags, no atomics),
         # split as FlashAttention-2 splits dQ from dK/dV. Program (block B, head):
         #   rows    (COLUMNS=False): out_B = Σ_{J ≤ B} Z_BJ·K̂_J     (needs dV_B, streams k̂_J, V'_J)
         #   columns (COLUMNS=True):  out_B = Σ_{I ≥ B} Z_IBᵀ·K̂_I    (needs V'_B, streams k̂_I, dV_I)
-        # KHF: fp32 k̂, DV: fp32 dV, VC: the forward's V' chain copy, DKH: (2, BH, NP, D) fp32, all padded.
+        # KHF: fp32 k̂, DV: fp32 dV, VC: the forward's V' chain copy, DKH: (2, BH, T·BM, D) fp32, all padded.
         # A is formed from k̂ rounded as in the forward; Z·K̂ takes fp32 k̂ (ZK, tf32x3 on a GPU): rounding k̂ there
         # dominates the dk error for near-duplicate keys.
         Bk, bh = tl.program_id(0), tl.program_id(1)
         T = tl.num_programs(0)
-        pbase = bh.to(tl.int64) * NP * D
+        pbase = bh.to(tl.int64) * T * (BM * D)
         rm = tl.arange(0, BM)
         rn = tl.arange(0, BN)
         cols = tl.arange(0, D)
@@ -305,7 +305,7 @@ if triton is not None:
             Z = tl.where(keep, -tl.dot(xB, tl.trans(yT), input_precision=LO) * A, 0.0)
             acc += tl.dot(Z, kT, input_precision=ZK)
         if COLUMNS:
-            own += tl.num_programs(1).to(tl.int64) * NP * D                       # the second half of DKH
+            own += tl.num_programs(1).to(tl.int64) * T * (BM * D)                       # the second half of DKH
         tl.store(DKH + own, acc)
 
 
@@ -401,7 +401,7 @@ def _prologue(k, BM, D, fp16_ops, eps, c, write_f32):
     kh = _buffer(BH, T * BM, D, dtype=torch.float16 if fp16_ops else torch.float32, device=k.device)
     khf = _buffer(BH, T * BM, D, dtype=torch.float32, device=k.device) if write_f32 else kh
     linv = _buffer(BH, T, BM, BM, dtype=torch.float32, device=k.device)
-    _prologue_kernel[(T, BH)](k, kh, khf, linv, N, T * BM, eps, c["c1"], c["c2"], D=D, BM=BM, HI=c["hi"],
+    _prologue_kernel[(T, BH)](k, kh, khf, linv, N, eps, c["c1"], c["c2"], D=D, BM=BM, HI=c["hi"],
                               WRITE_F32=write_f32, num_warps=8 if BM >= 128 else 4)
     return kh, khf, linv
 
@@ -426,7 +426,7 @@ def _forward(k, v, eps, block_size=None, max_spin=None, fp32_ops=False, sync=Non
             vp = _buffer(BH, N, D, dtype=out_dtype, device=v.device)
             vc = _buffer(BH, T * BM, D, dtype=kh.dtype, device=v.device)
             state = torch.zeros(3 + BH, dtype=torch.int32, device=v.device)
-            _fwd_kernel[(BH * T,)](kh, v, linv, vp, vc, state, N, T * BM, BH, T, c["c1"], c["c2"],
+            _fwd_kernel[(BH * T,)](kh, v, linv, vp, vc, state, N, BH, T, c["c1"], c["c2"],
                                    _max_spin(max_spin), _cap, D=D, BM=BM, BN=min(BN, BM), HI=c["hi"], FP16_OPS=fp16_ops,
                                    STAGES=stages, DELAY=_delay, STALL_BLOCK=_stall_block, num_warps=warps)
         except triton.runtime.errors.OutOfResources:      # too big for this GPU's shared memory: halve the blocks
@@ -458,12 +458,12 @@ def _backward(k, vc, g, eps, BM, max_spin=None, sync=None, _delay=0, _stall_bloc
     kh, khf, linv = _prologue(k, BM, D, fp16_ops, eps, c, True)
     dv = _buffer(BH, T * BM, D, dtype=torch.float32, device=g.device)
     state = torch.zeros(3 + BH, dtype=torch.int32, device=g.device)
-    _bwd_chain_kernel[(BH * T,)](kh, g, linv, dv, state, N, T * BM, BH, T, c["c1"], c["c2"], _max_spin(max_spin),
+    _bwd_chain_kernel[(BH * T,)](kh, g, linv, dv, state, N, BH, T, c["c1"], c["c2"], _max_spin(max_spin),
                                  _cap, D=D, BM=BM, BN=BN, HI=c["hi"], LO=c["lo"], STAGES=stages, DELAY=_delay,
                                  STALL_BLOCK=_stall_block, num_warps=warps)
     dkh = _buffer(2, BH, T * BM, D, dtype=torch.float32, device=g.device)
     for columns in (False, True):
-        _dk_kernel[(T, BH)](khf, vc, dv, dkh, N, T * BM, c["c1"], c["c2"], D=D, BM=BM, BN=BN, HI=c["hi"],
+        _dk_kernel[(T, BH)](khf, vc, dv, dkh, N, c["c1"], c["c2"], D=D, BM=BM, BN=BN, HI=c["hi"],
                             LO=c["lo"], ZK=c["hi"], FP16_OPS=fp16_ops, COLUMNS=columns, STAGES=stages,
                             num_warps=warps)
     if sync if sync is not None else CHECK:
@@ -780,6 +780,129 @@ def decode_selfcheck(device, dtype, D, G, eps=EPS):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# report: python kernel.py --report  (no GPU needed)
+#
+# Compiles every kernel of the forward and backward ahead of time for sm_90 and sm_80 at the default configurations,
+# as the JIT would specialise them (16-byte aligned pointers), and reads what the compiler made of them: registers,
+# spills and shared memory from cuobjdump -res-usage, and from the SASS of the main loop (the loop with the most
+# tensor-core instructions) the MMA kind, 128-bit loads, fences and atomics. ptxas and cuobjdump ship in the triton
+# wheel. Bytes and FLOPs per inner step are counted from the code: per BN-row tile, with 16-bit (or fp32) operands.
+
+_FLOAT_ARGS = ("eps", "c1", "c2")
+
+
+def _ptr_types(fn, fp16_ops, D):
+    op = "fp16" if fp16_ops else "fp32"
+    io = "bf16" if fp16_ops else "fp32"
+    types = dict(K=io, V=io, VP=io, G=io, KH=op, VC=op, KHF="fp32", LINV="fp32", DV="fp32", DKH="fp32", STATE="i32")
+    return {n: types[n] for n in fn.arg_names if n in types}
+
+
+def _compile(fn, arch, constexprs, ptr_types, num_warps, num_stages):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptr_types:
+            signature[name] = "*" + ptr_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]      # torch allocations are 16-byte aligned; the JIT sees it too
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _cuobjdump(cubin, flag):
+    import subprocess
+    import tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], check=True, capture_output=True, text=True).stdout
+
+
+def _main_loop(sass):
+    """SASS lines of the main loop: the first loop (a branch back to a lower address) with MMA instructions."""
+    import re
+    code = [(int(m.group(1), 16), l) for l in sass.splitlines() if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/", l))]
+    for addr, line in code:
+        m = re.search(r"\bBRA\s+(?:!?U?P\d+,\s*)?0x([0-9a-f]+)", line)
+        if m and int(m.group(1), 16) < addr:
+            body = [l for a, l in code if int(m.group(1), 16) <= a <= addr]
+            if any("MMA" in l for l in body):
+                return body
+    return []
+
+
+def analyse(fn, arch, constexprs, fp16_ops, num_warps, num_stages):
+    """What the compiler made of one kernel configuration: a dict of registers, spills, shared memory and SASS
+    counts (whole kernel and main loop)."""
+    import re
+    ck = _compile(fn, arch, constexprs, _ptr_types(fn, fp16_ops, constexprs["D"]), num_warps, num_stages)
+    res = _cuobjdump(ck.asm["cubin"], "-res-usage")
+    sass = _cuobjdump(ck.asm["cubin"], "-sass")
+    loop = _main_loop(sass)
+    count = lambda lines, pat: sum(bool(re.search(pat, l)) for l in lines)
+    allv = sass.splitlines()
+    return dict(
+        regs=int(re.search(r"REG:(\d+)", res).group(1)), stack=int(re.search(r"STACK:(\d+)", res).group(1)),
+        spill_ops=count(allv, r"\b(STL|LDL)\b"), shared=ck.metadata.shared,
+        hgmma=count(loop, r"\bHGMMA\b"), hmma=count(loop, r"\bHMMA\b"),
+        ld128=count(loop, r"\bLDG(STS)?\.E[A-Z.]*\.128\b") + count(loop, r"\bUTMALDG\b"),
+        ld_narrow=count(loop, r"\bLDG\.E(\.U16|\.16)?\s"),
+        membar_loop=count(loop, r"\bMEMBAR\b"), atom_loop=count(loop, r"\b(ATOMG|RED|REDG|ATOM)\b"),
+        membar=count(allv, r"\bMEMBAR\b"), atom=count(allv, r"\b(ATOMG|RED|REDG|ATOM)\b"))
+
+
+def _report_configs(D, fp16_ops):
+    """(name, kernel, constexprs, warps, stages, bytes per inner step, FLOPs per inner step) at the defaults."""
+    BM, BN, warps, stages = config(D, fp16_ops)
+    op = 2 if fp16_ops else 4
+    hi = "tf32x3"
+    lo = "tf32" if fp16_ops else hi
+    common = dict(D=D, BM=BM)
+    chain = dict(common, BN=BN, HI=hi, STAGES=stages, DELAY=0, STALL_BLOCK=-1)
+    return [
+        ("prologue", _prologue_kernel, dict(common, HI=hi, WRITE_F32=True), warps, 1, 0, 0),
+        ("forward", _fwd_kernel, dict(chain, FP16_OPS=fp16_ops), warps, stages,
+         2 * BN * D * op, 2 * 2 * BM * BN * D),                                   # k̂_J, V'_J; S and A·V'
+        ("backward chain", _bwd_chain_kernel, dict(chain, LO=lo), warps, stages,
+         BN * D * (op + 4), 2 * 2 * BM * BN * D),                                 # k̂_I, dV_I fp32; S and Aᵀ·dV
+        ("dk rows", _dk_kernel, dict(common, BN=BN, HI=hi, LO=lo, ZK=hi, FP16_OPS=fp16_ops, COLUMNS=False,
+                                     STAGES=stages), warps, stages,
+         BN * D * (4 + op), 3 * 2 * BM * BN * D),                                 # k̂_J fp32, V'_J; S, dV·V'ᵀ, Z·K̂
+        ("dk columns", _dk_kernel, dict(common, BN=BN, HI=hi, LO=lo, ZK=hi, FP16_OPS=fp16_ops, COLUMNS=True,
+                                        STAGES=stages), warps, stages,
+         BN * D * 8, 3 * 2 * BM * BN * D),                                         # k̂_I fp32, dV_I fp32
+    ]
+
+
+def report(archs=(90, 80), head_dims=(64, 128), dtypes=("bf16", "fp32"), out=print):
+    """Compile every default configuration and print one markdown table row per kernel and target."""
+    cols = ["kernel", "arch", "dtype", "D", "BM×BN", "warps", "stages", "regs", "spill bytes (STL+LDL)", "shared KB",
+            "MMA in main loop", "128-bit loads", "MEMBAR / atomics in loop (kernel)", "bytes / FLOPs per step",
+            "FLOP/byte"]
+    out("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for arch in archs:
+        for dtype in dtypes:
+            for D in head_dims:
+                fp16_ops = dtype != "fp32"
+                BM, BN = config(D, fp16_ops)[:2]
+                for name, fn, cx, warps, stages, nbytes, flops in _report_configs(D, fp16_ops):
+                    r = analyse(fn, arch, cx, fp16_ops, warps, stages)
+                    mma = f"{r['hgmma']} HGMMA" if r["hgmma"] else f"{r['hmma']} HMMA" if r["hmma"] else "-"
+                    step = f"{nbytes // 1024} KB / {flops / 1e6:.1f} M" if nbytes else "-"
+                    out(f"| {name} | sm_{arch} | {dtype} | {D} | {BM}×{BN if name != 'prologue' else BM} | {warps} | "
+                        f"{stages} | {r['regs']} | {r['stack']} ({r['spill_ops']}) | {r['shared'] / 1024:.0f} | {mma} | "
+                        f"{r['ld128']} | {r['membar_loop']} / {r['atom_loop']} ({r['membar']} / {r['atom']}) | {step} | "
+                        f"{flops / nbytes if nbytes else 0:.0f} |", )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # benchmark: python kernel.py  (GPU only)
 
 
@@ -835,4 +958,8 @@ def _bench():
 
 
 if __name__ == "__main__":
-    _bench()
+    import sys
+    if "--report" in sys.argv:
+        report()
+    else:
+        _bench()
