@@ -84,12 +84,48 @@ if triton is not None:
         return X
 
     @triton.jit
-    def _prologue_kernel(K, KH, KHF, LINV, N, eps, c1, c2,
-                         D: tl.constexpr, BM: tl.constexpr, HI: tl.constexpr, WRITE_F32: tl.constexpr):
-        # Program (I, head), all at once, off the chain. K: (BH, N, D). Writes, for rows of block I: KH k̂ in the
-        # operand type (fp16 for 16-bit inputs, fp32 otherwise) and, for the backward, KHF k̂ in fp32, both padded to
-        # T·BM rows per head with zeros past N; LINV (BH, T, BM, BM) the exact fp32 inverse of the unit lower
-        # I + stril(A_II), A_II from the rounded k̂ the chain uses (identity on padded rows).
+    def _split(x):
+        # x = hi + lo with both parts fp16: products of split factors reach ~fp32 accuracy on fp16 tensor cores
+        hi = x.to(tl.float16)
+        return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+    @triton.jit
+    def _apply_inverse(LINV, blk, R, BM: tl.constexpr, HI: tl.constexpr, SPLIT: tl.constexpr,
+                       TRANS: tl.constexpr):
+        # Linv·R (or Linvᵀ·R) with the inverse of block blk = head·T + I. SPLIT (16-bit inputs): Linv is stored as fp16
+        # hi + lo, and R, scaled by its largest entry so neither part under- or overflows (gradients are ~1e-6),
+        # is split the same way: three fp16 products, fp32 accumulation, the lo·lo term is below fp32 rounding.
+        # Otherwise Linv is fp32 and the product takes HI (tf32x3 on a GPU: ~fp32).
+        rm = tl.arange(0, BM)
+        tile = rm[:, None] * BM + rm[None, :]
+        if SPLIT:
+            Lh = tl.load(LINV + blk * (2 * BM * BM) + tile)
+            Ll = tl.load(LINV + blk * (2 * BM * BM) + BM * BM + tile)
+            if TRANS:
+                Lh = tl.trans(Lh)
+                Ll = tl.trans(Ll)
+            m = tl.max(tl.max(tl.abs(R), axis=1), axis=0)
+            m = tl.where(m > 0, m, 1.0)
+            Rh, Rl = _split(R / m)
+            X = tl.dot(Lh, Rh)
+            X = tl.dot(Lh, Rl, X)
+            X = tl.dot(Ll, Rh, X)
+            return X * m
+        else:
+            L = tl.load(LINV + blk * (BM * BM) + tile)
+            if TRANS:
+                L = tl.trans(L)
+            return tl.dot(L, R, input_precision=HI)
+
+    @triton.jit
+    def _prologue_kernel(K, KH, KL, LINV, N, eps, c1, c2,
+                         D: tl.constexpr, BM: tl.constexpr, HI: tl.constexpr, SPLIT: tl.constexpr,
+                         WRITE_LO: tl.constexpr):
+        # Program (I, head), all at once, off the chain. K: (BH, N, D). Writes, for rows of block I: KH, k̂ in the
+        # operand type (fp16 for 16-bit inputs, fp32 otherwise), padded to T·BM rows per head with zeros past N;
+        # for the backward (WRITE_LO) KL = fp16(k̂ − KH), the part of k̂ the fp16 copy lost; LINV, the exact inverse
+        # of the unit lower I + stril(A_II) with A_II from the rounded k̂ the chain uses (identity on padded rows):
+        # (BH, T, BM, BM) fp32, or with SPLIT (BH, T, 2, BM, BM) fp16 hi and lo parts.
         I, bh = tl.program_id(0), tl.program_id(1)
         T = tl.num_programs(0)
         rm = tl.arange(0, BM)
@@ -103,12 +139,19 @@ if triton is not None:
         kh = kf.to(KH.dtype.element_ty)
         tile = bh.to(tl.int64) * T * (BM * D) + rows[:, None] * D + cols[None, :]
         tl.store(KH + tile, kh)
-        if WRITE_F32:
-            tl.store(KHF + tile, kf)
+        if WRITE_LO:
+            tl.store(KL + tile, (kf - kh.to(tl.float32)).to(tl.float16))
         A = tl.exp2(tl.dot(kh, tl.trans(kh), input_precision=HI) * c1 - c2)       # A_II = exp(s·k̂k̂ᵀ − √d)
         M = tl.where((rm[:, None] > rm[None, :]) & live[:, None], A, 0.0)         # strictly lower, real rows
         X = _unit_lower_inverse(M, BM, HI)
-        tl.store(LINV + (bh.to(tl.int64) * T + I) * BM * BM + rm[:, None] * BM + rm[None, :], X)
+        blk = bh.to(tl.int64) * T + I
+        tile = rm[:, None] * BM + rm[None, :]
+        if SPLIT:
+            Xh, Xl = _split(X)
+            tl.store(LINV + blk * (2 * BM * BM) + tile, Xh)
+            tl.store(LINV + blk * (2 * BM * BM) + BM * BM + tile, Xl)
+        else:
+            tl.store(LINV + blk * (BM * BM) + tile, X)
 
     @triton.jit
     def _wait(COUNT, ERR, need, limit):
@@ -176,12 +219,12 @@ if triton is not None:
                 A = tl.exp2(tl.dot(kI, tl.trans(kJ), input_precision=HI) * c1 - c2)
                 vJ = tl.load(VC + pbase + (j0 + rn)[:, None] * D + cols[None, :])
                 R -= tl.dot(A.to(VC.dtype.element_ty), vJ, input_precision=HI)
-        Linv = tl.load(LINV + (bh.to(tl.int64) * T + I) * BM * BM + rm[:, None] * BM + rm[None, :])
-        X = tl.dot(Linv, R, input_precision=HI)                                    # V'_I (BM, D), fp32
+        X = _apply_inverse(LINV, bh.to(tl.int64) * T + I, R, BM, HI, FP16_OPS, False)   # V'_I (BM, D), fp32
         X = tl.where(rows[:, None] < N, X, 0.0)                                     # padded rows stay 0
         bad = tl.load(ERR, volatile=True) != 0   # a chain that gave up anywhere returns NaN, never plausible numbers
         if FP16_OPS:
-            over = tl.max(tl.abs(X)) > 65504.0   # the fp16 chain copy would overflow
+            over = tl.max(tl.max(tl.where(tl.abs(X) <= 65504.0, 0, 1), axis=1), axis=0) > 0   # fp16 copy overflows
+            #                                                                                  (or X is NaN)
             if over:
                 tl.atomic_or(ERR, 2, sem="relaxed")                                # ERR_FP16_OVERFLOW
             bad = bad | over
@@ -193,13 +236,15 @@ if triton is not None:
             _publish(STATE, COUNT, I + 1, I, DELAY)
 
     @triton.jit
-    def _bwd_chain_kernel(KH, G, LINV, DV, STATE, N, BH, T, c1, c2, max_spin, cap,
+    def _bwd_chain_kernel(KH, G, LINV, DVC, DVS, STATE, N, BH, T, c1, c2, max_spin, cap,
                           D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
-                          LO: tl.constexpr, STAGES: tl.constexpr, DELAY: tl.constexpr, STALL_BLOCK: tl.constexpr):
+                          FP16_OPS: tl.constexpr, STAGES: tl.constexpr, DELAY: tl.constexpr,
+                          STALL_BLOCK: tl.constexpr):
         # The reverse chain computes only dV = L⁻ᵀG: R = G_J − Σ_{I>J} A_IJᵀ·dV_I, dV_J = (I + stril(A_JJ))⁻ᵀ·R.
-        # 2 GEMMs per block pair, no atomics. G: (BH, N, D); DV: fp32 dV, (BH, T·BM, D) padded, also the chain copy.
-        # The count of a head is how many blocks from the end are final. dV takes tf32 (LO) on a GPU: fp16 would
-        # underflow at gradient scale (~1e-6).
+        # 2 GEMMs per block pair, no atomics. G: (BH, N, D). The count of a head is how many blocks from the end are
+        # final. DVC: dV, (BH, T·BM, D) padded, the chain copy and the output. For 16-bit inputs it is fp16 scaled
+        # per block by DVS (BH, T) fp32 (its largest entry), as gradients (~1e-6) would underflow fp16 unscaled:
+        # the same 11-bit precision as tf32 at half the bytes and the fp16 MMA rate. fp32 inputs: fp32, DVS unused.
         t = tl.atomic_add(STATE, 1, sem="relaxed")
         J = T - 1 - t // BH
         bh = t % BH
@@ -219,8 +264,11 @@ if triton is not None:
             i0 = top - (step + 1) * BN
             kI = tl.load(KH + pbase + (i0 + rn)[:, None] * D + cols[None, :])
             At = tl.exp2(tl.dot(kJ, tl.trans(kI), input_precision=HI) * c1 - c2)  # A_IJᵀ tile (BM, BN)
-            dvI = tl.load(DV + pbase + (i0 + rn)[:, None] * D + cols[None, :])
-            R -= tl.dot(At, dvI, input_precision=LO)
+            dvI = tl.load(DVC + pbase + (i0 + rn)[:, None] * D + cols[None, :])
+            if FP16_OPS:
+                R -= tl.dot(At.to(tl.float16), dvI) * tl.load(DVS + bh * T + i0 // BM)
+            else:
+                R -= tl.dot(At, dvI, input_precision=HI)
         limit = max_spin
         for q in tl.range(0, T - 1 - J - done, num_stages=1):
             I = T - 1 - done - q
@@ -230,82 +278,78 @@ if triton is not None:
                 i0 = (I + 1) * BM - (sub + 1) * BN
                 kI = tl.load(KH + pbase + (i0 + rn)[:, None] * D + cols[None, :])
                 At = tl.exp2(tl.dot(kJ, tl.trans(kI), input_precision=HI) * c1 - c2)
-                dvI = tl.load(DV + pbase + (i0 + rn)[:, None] * D + cols[None, :])
-                R -= tl.dot(At, dvI, input_precision=LO)
-        Linv = tl.load(LINV + (bh.to(tl.int64) * T + J) * BM * BM + rm[:, None] * BM + rm[None, :])
-        X = tl.dot(tl.trans(Linv), R, input_precision=HI)     # back substitution with the unit upper Lᵀ
+                dvI = tl.load(DVC + pbase + (i0 + rn)[:, None] * D + cols[None, :])
+                if FP16_OPS:
+                    R -= tl.dot(At.to(tl.float16), dvI) * tl.load(DVS + bh * T + I)
+                else:
+                    R -= tl.dot(At, dvI, input_precision=HI)
+        X = _apply_inverse(LINV, bh.to(tl.int64) * T + J, R, BM, HI, FP16_OPS, True)   # back substitution, Lᵀ
         X = tl.where(rows[:, None] < N, X, 0.0)                # padded rows stay 0: later tiles read them
         X = tl.where(tl.load(ERR, volatile=True) != 0, float("nan"), X)
-        tl.store(DV + pbase + rows[:, None] * D + cols[None, :], X)
+        if FP16_OPS:
+            m = tl.max(tl.max(tl.abs(X), axis=1), axis=0)
+            m = tl.where(m > 0, m, 1.0)                        # NaN stays NaN
+            tl.store(DVS + bh * T + J, m)
+            X = X / m
+        tl.store(DVC + pbase + rows[:, None] * D + cols[None, :], X.to(DVC.dtype.element_ty))
         if J != STALL_BLOCK:
             _publish(STATE, COUNT, T - J, J, DELAY)
 
     @triton.jit
-    def _dk_kernel(KHF, VC, DV, DKH, N, c1, c2,
-                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr, LO: tl.constexpr,
-                   ZK: tl.constexpr, FP16_OPS: tl.constexpr, COLUMNS: tl.constexpr, STAGES: tl.constexpr):
+    def _dk_kernel(KH, KL, VC, DVC, DVS, DKH, N, c1, c2,
+                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
+                   FP16_OPS: tl.constexpr, COLUMNS: tl.constexpr, STAGES: tl.constexpr):
         # One half of dK̂/s = (Z + Zᵀ)·K̂, Z_ij = −(dv_i·v'_j)·A_ij for j < i, fully parallel (no flags, no atomics),
         # split as FlashAttention-2 splits dQ from dK/dV. Program (block B, head):
         #   rows    (COLUMNS=False): out_B = Σ_{J ≤ B} Z_BJ·K̂_J     (needs dV_B, streams k̂_J, V'_J)
         #   columns (COLUMNS=True):  out_B = Σ_{I ≥ B} Z_IBᵀ·K̂_I    (needs V'_B, streams k̂_I, dV_I)
-        # KHF: fp32 k̂, DV: fp32 dV, VC: the forward's V' chain copy, DKH: (2, BH, T·BM, D) fp32, all padded.
-        # A is formed from k̂ rounded as in the forward; Z·K̂ takes fp32 k̂ (ZK, tf32x3 on a GPU): rounding k̂ there
-        # dominates the dk error for near-duplicate keys.
+        # KH, VC, DVC, DVS as the chains left them, DKH: (2, BH, T·BM, D) fp32. 3 GEMMs per tile (4 MMAs with fp16
+        # operands). Z·K̂ takes k̂ as KH + KL, fp16 hi + lo: rounding k̂ there, unlike rounding Z, moves dk̂
+        # off the radial direction the RMSNorm backward removes, and dominates the dk error for near-duplicate keys.
         Bk, bh = tl.program_id(0), tl.program_id(1)
         T = tl.num_programs(0)
         pbase = bh.to(tl.int64) * T * (BM * D)
-        rm = tl.arange(0, BM)
         rn = tl.arange(0, BN)
         cols = tl.arange(0, D)
-        rows = Bk * BM + rm
+        rows = Bk * BM + tl.arange(0, BM)
         own = pbase + rows[:, None] * D + cols[None, :]
-        kB = tl.load(KHF + own)
-        if FP16_OPS:
-            kB16 = kB.to(tl.float16)
-        else:
-            kB16 = kB
+        kB = tl.load(KH + own)
         if COLUMNS:
-            xB = tl.load(VC + own).to(tl.float32)                # V'_B
+            xB = tl.load(VC + own)                               # V'_B
             lo, hi = (Bk + 1) * BM, T * BM
         else:
-            xB = tl.load(DV + own)                               # dV_B
+            xB = tl.load(DVC + own)                              # dV_B (scaled by DVS[B] for 16-bit inputs)
             lo, hi = 0, Bk * BM
         acc = tl.zeros((BM, D), dtype=tl.float32)
-        # off-diagonal tiles: all of Z there
-        for j0 in tl.range(lo, hi, BN, num_stages=STAGES):
+        # off-diagonal tiles, all of Z, then the diagonal block's tiles with strictly lower Z
+        for j0 in tl.range(lo, hi + BM, BN, num_stages=STAGES):
+            if j0 >= hi:                                         # the diagonal block comes last
+                j0 = j0 - hi + Bk * BM
             tile = pbase + (j0 + rn)[:, None] * D + cols[None, :]
-            kT = tl.load(KHF + tile)                                                # (BN, D) fp32 k̂
-            if FP16_OPS:
-                kT16 = kT.to(tl.float16)
-            else:
-                kT16 = kT
-            A = tl.exp2(tl.dot(kB16, tl.trans(kT16), input_precision=HI) * c1 - c2)   # (BM, BN)
+            kT = tl.load(KH + tile)                                                 # k̂ tile (BN, D)
+            A = tl.exp2(tl.dot(kB, tl.trans(kT), input_precision=HI) * c1 - c2)    # (BM, BN)
             if COLUMNS:
-                yT = tl.load(DV + tile)                                             # dV_I tile
-            else:
-                yT = tl.load(VC + tile).to(tl.float32)                              # V'_J tile
-            Z = -tl.dot(xB, tl.trans(yT), input_precision=LO) * A
-            acc += tl.dot(Z, kT, input_precision=ZK)
-        # the diagonal block: strictly lower Z (rows: j < i; columns: i > j)
-        for sub in tl.static_range(BM // BN):
-            j0 = Bk * BM + sub * BN
-            tile = pbase + (j0 + rn)[:, None] * D + cols[None, :]
-            kT = tl.load(KHF + tile)
-            if FP16_OPS:
-                kT16 = kT.to(tl.float16)
-            else:
-                kT16 = kT
-            A = tl.exp2(tl.dot(kB16, tl.trans(kT16), input_precision=HI) * c1 - c2)
-            if COLUMNS:
-                yT = tl.load(DV + tile)
+                yT = tl.load(DVC + tile)                                            # dV_I tile
                 keep = (j0 + rn)[None, :] > rows[:, None]
             else:
-                yT = tl.load(VC + tile).to(tl.float32)
+                yT = tl.load(VC + tile)                                             # V'_J tile
                 keep = (j0 + rn)[None, :] < rows[:, None]
-            Z = tl.where(keep, -tl.dot(xB, tl.trans(yT), input_precision=LO) * A, 0.0)
-            acc += tl.dot(Z, kT, input_precision=ZK)
+            Z = -tl.dot(xB, tl.trans(yT), input_precision=HI) * A
+            Z = tl.where(keep | (j0 < Bk * BM) | (j0 >= (Bk + 1) * BM), Z, 0.0)
+            if FP16_OPS:
+                Zh = Z.to(tl.float16)
+                part = tl.dot(Zh, kT)
+                part = tl.dot(Zh, tl.load(KL + tile), part)
+                if COLUMNS:
+                    part = part * tl.load(DVS + bh * T + j0 // BM)
+                acc += part
+            else:
+                acc += tl.dot(Z, kT, input_precision=HI)
+        if FP16_OPS:
+            if not COLUMNS:
+                acc = acc * tl.load(DVS + bh * T + Bk)
         if COLUMNS:
-            own += tl.num_programs(1).to(tl.int64) * T * (BM * D)                       # the second half of DKH
+            own += tl.num_programs(1).to(tl.int64) * T * (BM * D)                  # the second half of DKH
         tl.store(DKH + own, acc)
 
 
@@ -359,10 +403,10 @@ def config(D, fp16_ops, N=None, block_size=None):
     return BM, BN, 8 if BM >= 128 else 4, 2
 
 
-def _consts(D, fp16_ops):
+def _consts(D):
     hi = "ieee" if _interpreting() else "tf32x3"       # ~fp32 accuracy on tensor cores
     s = D ** -0.5
-    return dict(hi=hi, lo="tf32" if hi != "ieee" and fp16_ops else hi, s=s, c1=s * LOG2E, c2=math.sqrt(D) * LOG2E)
+    return dict(hi=hi, s=s, c1=s * LOG2E, c2=math.sqrt(D) * LOG2E)
 
 
 def _max_spin(max_spin):
@@ -394,16 +438,17 @@ def check(state, what="forward"):
     return e
 
 
-def _prologue(k, BM, D, fp16_ops, eps, c, write_f32):
-    """Fully parallel: k̂ (operand type, padded), fp32 k̂ (backward only), every diagonal block's exact inverse."""
+def _prologue(k, BM, D, fp16_ops, eps, c, write_lo):
+    """Fully parallel: k̂ (operand type, padded), its fp16 remainder (backward only), every diagonal inverse."""
     BH, N = k.shape[0], k.shape[1]
     T = triton.cdiv(N, BM)
     kh = _buffer(BH, T * BM, D, dtype=torch.float16 if fp16_ops else torch.float32, device=k.device)
-    khf = _buffer(BH, T * BM, D, dtype=torch.float32, device=k.device) if write_f32 else kh
-    linv = _buffer(BH, T, BM, BM, dtype=torch.float32, device=k.device)
-    _prologue_kernel[(T, BH)](k, kh, khf, linv, N, eps, c["c1"], c["c2"], D=D, BM=BM, HI=c["hi"],
-                              WRITE_F32=write_f32, num_warps=8 if BM >= 128 else 4)
-    return kh, khf, linv
+    kl = _buffer(BH, T * BM, D, dtype=torch.float16, device=k.device) if write_lo else kh
+    linv = (_buffer(BH, T, 2, BM, BM, dtype=torch.float16, device=k.device) if fp16_ops else
+            _buffer(BH, T, BM, BM, dtype=torch.float32, device=k.device))
+    _prologue_kernel[(T, BH)](k, kh, kl, linv, N, eps, c["c1"], c["c2"], D=D, BM=BM, HI=c["hi"], SPLIT=fp16_ops,
+                              WRITE_LO=write_lo, num_warps=8 if BM >= 128 else 4)
+    return kh, kl, linv
 
 
 def _forward(k, v, eps, block_size=None, max_spin=None, fp32_ops=False, sync=None, _delay=0, _stall_block=-1,
@@ -415,7 +460,7 @@ def _forward(k, v, eps, block_size=None, max_spin=None, fp32_ops=False, sync=Non
     BH = B * H
     k, v = k.reshape(BH, N, D).contiguous(), v.reshape(BH, N, D).contiguous()
     fp16_ops = not fp32_ops and k.dtype != torch.float32 and v.dtype != torch.float32
-    c = _consts(D, fp16_ops)
+    c = _consts(D)
     BM, BN, warps, stages = config(D, fp16_ops, N, block_size)
     # the interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest), so there torch does that cast
     out_dtype = torch.float32 if _interpreting() and v.dtype == torch.bfloat16 else v.dtype
@@ -451,28 +496,30 @@ def _backward(k, vc, g, eps, BM, max_spin=None, sync=None, _delay=0, _stall_bloc
     BH = B * H
     k, g = k.reshape(BH, N, D).contiguous(), g.reshape(BH, N, D).contiguous()
     fp16_ops = vc.dtype == torch.float16
-    c = _consts(D, fp16_ops)
+    c = _consts(D)
     _, BN, warps, stages = config(D, fp16_ops, N, BM)
     BN = min(BN, BM)
     T = triton.cdiv(N, BM)
-    kh, khf, linv = _prologue(k, BM, D, fp16_ops, eps, c, True)
-    dv = _buffer(BH, T * BM, D, dtype=torch.float32, device=g.device)
+    kh, kl, linv = _prologue(k, BM, D, fp16_ops, eps, c, fp16_ops)
+    dvc = _buffer(BH, T * BM, D, dtype=vc.dtype, device=g.device)
+    dvs = _buffer(BH, T, dtype=torch.float32, device=g.device)
     state = torch.zeros(3 + BH, dtype=torch.int32, device=g.device)
-    _bwd_chain_kernel[(BH * T,)](kh, g, linv, dv, state, N, BH, T, c["c1"], c["c2"], _max_spin(max_spin),
-                                 _cap, D=D, BM=BM, BN=BN, HI=c["hi"], LO=c["lo"], STAGES=stages, DELAY=_delay,
-                                 STALL_BLOCK=_stall_block, num_warps=warps)
+    _bwd_chain_kernel[(BH * T,)](kh, g, linv, dvc, dvs, state, N, BH, T, c["c1"], c["c2"], _max_spin(max_spin),
+                                 _cap, D=D, BM=BM, BN=BN, HI=c["hi"], FP16_OPS=fp16_ops, STAGES=stages,
+                                 DELAY=_delay, STALL_BLOCK=_stall_block, num_warps=warps)
     dkh = _buffer(2, BH, T * BM, D, dtype=torch.float32, device=g.device)
     for columns in (False, True):
-        _dk_kernel[(T, BH)](khf, vc, dv, dkh, N, c["c1"], c["c2"], D=D, BM=BM, BN=BN, HI=c["hi"],
-                            LO=c["lo"], ZK=c["hi"], FP16_OPS=fp16_ops, COLUMNS=columns, STAGES=stages,
-                            num_warps=warps)
+        _dk_kernel[(T, BH)](kh, kl, vc, dvc, dvs, dkh, N, c["c1"], c["c2"], D=D, BM=BM, BN=BN, HI=c["hi"],
+                            FP16_OPS=fp16_ops, COLUMNS=columns, STAGES=stages, num_warps=warps)
     if sync if sync is not None else CHECK:
         check(state, "backward")
+    dv = dvc.view(BH, T, BM, D).float() * dvs.view(BH, T, 1, 1) if fp16_ops else dvc
+    dv = dv.reshape(BH, T * BM, D)[:, :N]
     # RMSNorm backward (elementwise, fp32): dk = r ⊙ (dk̂ − k̂ (k̂·dk̂)/d), dk̂ = s·(row half + column half)
     kf, rstd = _rms_normalize(k, eps)
     dkh = c["s"] * (dkh[0, :, :N] + dkh[1, :, :N])
     dk = rstd * (dkh - kf * (kf * dkh).sum(-1, keepdim=True) / D)
-    return dk.view(B, H, N, D), dv[:, :N].reshape(B, H, N, D), state
+    return dk.view(B, H, N, D), dv.reshape(B, H, N, D), state
 
 
 class _Precondition(torch.autograd.Function):
@@ -794,7 +841,8 @@ _FLOAT_ARGS = ("eps", "c1", "c2")
 def _ptr_types(fn, fp16_ops, D):
     op = "fp16" if fp16_ops else "fp32"
     io = "bf16" if fp16_ops else "fp32"
-    types = dict(K=io, V=io, VP=io, G=io, KH=op, VC=op, KHF="fp32", LINV="fp32", DV="fp32", DKH="fp32", STATE="i32")
+    types = dict(K=io, V=io, VP=io, G=io, KH=op, VC=op, DVC=op, KL="fp16", LINV=op, DVS="fp32", DKH="fp32",
+                 STATE="i32")
     return {n: types[n] for n in fn.arg_names if n in types}
 
 
@@ -862,22 +910,18 @@ def _report_configs(D, fp16_ops):
     """(name, kernel, constexprs, warps, stages, bytes per inner step, FLOPs per inner step) at the defaults."""
     BM, BN, warps, stages = config(D, fp16_ops)
     op = 2 if fp16_ops else 4
-    hi = "tf32x3"
-    lo = "tf32" if fp16_ops else hi
-    common = dict(D=D, BM=BM)
-    chain = dict(common, BN=BN, HI=hi, STAGES=stages, DELAY=0, STALL_BLOCK=-1)
+    common = dict(D=D, BM=BM, HI="tf32x3")
+    chain = dict(common, BN=BN, FP16_OPS=fp16_ops, STAGES=stages, DELAY=0, STALL_BLOCK=-1)
+    dk = dict(common, BN=BN, FP16_OPS=fp16_ops, STAGES=stages)
+    gemm = 2 * BM * BN * D
     return [
-        ("prologue", _prologue_kernel, dict(common, HI=hi, WRITE_F32=True), warps, 1, 0, 0),
-        ("forward", _fwd_kernel, dict(chain, FP16_OPS=fp16_ops), warps, stages,
-         2 * BN * D * op, 2 * 2 * BM * BN * D),                                   # k̂_J, V'_J; S and A·V'
-        ("backward chain", _bwd_chain_kernel, dict(chain, LO=lo), warps, stages,
-         BN * D * (op + 4), 2 * 2 * BM * BN * D),                                 # k̂_I, dV_I fp32; S and Aᵀ·dV
-        ("dk rows", _dk_kernel, dict(common, BN=BN, HI=hi, LO=lo, ZK=hi, FP16_OPS=fp16_ops, COLUMNS=False,
-                                     STAGES=stages), warps, stages,
-         BN * D * (4 + op), 3 * 2 * BM * BN * D),                                 # k̂_J fp32, V'_J; S, dV·V'ᵀ, Z·K̂
-        ("dk columns", _dk_kernel, dict(common, BN=BN, HI=hi, LO=lo, ZK=hi, FP16_OPS=fp16_ops, COLUMNS=True,
-                                        STAGES=stages), warps, stages,
-         BN * D * 8, 3 * 2 * BM * BN * D),                                         # k̂_I fp32, dV_I fp32
+        ("prologue", _prologue_kernel, dict(common, SPLIT=fp16_ops, WRITE_LO=fp16_ops), warps, 1, 0, 0),
+        ("forward", _fwd_kernel, chain, warps, stages, 2 * BN * D * op, 2 * gemm),     # k̂_J, V'_J; S, A·V'
+        ("backward chain", _bwd_chain_kernel, chain, warps, stages, 2 * BN * D * op, 2 * gemm),   # k̂_I, dV_I
+        ("dk rows", _dk_kernel, dict(dk, COLUMNS=False), warps, stages,                # k̂_J (+ lo part), V'_J
+         (3 if fp16_ops else 2) * BN * D * op, 3 * gemm),
+        ("dk columns", _dk_kernel, dict(dk, COLUMNS=True), warps, stages,              # k̂_I (+ lo part), dV_I
+         (3 if fp16_ops else 2) * BN * D * op, 3 * gemm),
     ]
 
 
