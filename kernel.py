@@ -118,6 +118,41 @@ if triton is not None:
             return tl.dot(L, R, input_precision=HI)
 
     @triton.jit
+    def _khat(K, KH, KL, rows, N, eps, pbase, D: tl.constexpr, WRITE_LO: tl.constexpr):
+        # k̂ for some rows of one head, stored in the operand type (and the fp16 remainder); returns the stored k̂
+        cols = tl.arange(0, D)
+        live = rows < N
+        k = tl.load(K + rows[:, None] * D + cols[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.where(live, tl.sum(k * k, axis=1) / D + eps, 1.0))    # no 0·inf = NaN on padded rows
+        kf = k * rstd[:, None]
+        kh = kf.to(KH.dtype.element_ty)
+        tl.store(KH + pbase + rows[:, None] * D + cols[None, :], kh)
+        if WRITE_LO:
+            tl.store(KL + pbase + rows[:, None] * D + cols[None, :], (kf - kh.to(tl.float32)).to(tl.float16))
+        return kh
+
+    @triton.jit
+    def _lower(ka, kb, live, c1, c2, HI: tl.constexpr, DIAG: tl.constexpr):
+        # A = exp(s·k̂_a·k̂_bᵀ − √d) on real rows; a diagonal block keeps only its strictly lower part
+        A = tl.where(live[:, None], tl.exp2(tl.dot(ka, tl.trans(kb), input_precision=HI) * c1 - c2), 0.0)
+        if DIAG:
+            r = tl.arange(0, A.shape[0])
+            A = tl.where(r[:, None] > r[None, :], A, 0.0)
+        return A
+
+    @triton.jit
+    def _store_inverse(LINV, blk, X, r0, c0, BM: tl.constexpr, SPLIT: tl.constexpr):
+        # one square piece X of a block's inverse at rows r0.., columns c0..
+        r = tl.arange(0, X.shape[0])
+        tile = (r0 + r)[:, None] * BM + (c0 + r)[None, :]
+        if SPLIT:
+            Xh, Xl = _split(X)
+            tl.store(LINV + blk * (2 * BM * BM) + tile, Xh)
+            tl.store(LINV + blk * (2 * BM * BM) + BM * BM + tile, Xl)
+        else:
+            tl.store(LINV + blk * (BM * BM) + tile, X)
+
+    @triton.jit
     def _prologue_kernel(K, KH, KL, LINV, N, eps, c1, c2,
                          D: tl.constexpr, BM: tl.constexpr, HI: tl.constexpr, SPLIT: tl.constexpr,
                          WRITE_LO: tl.constexpr):
@@ -128,30 +163,29 @@ if triton is not None:
         # (BH, T, BM, BM) fp32, or with SPLIT (BH, T, 2, BM, BM) fp16 hi and lo parts.
         I, bh = tl.program_id(0), tl.program_id(1)
         T = tl.num_programs(0)
-        rm = tl.arange(0, BM)
-        rows = I * BM + rm
-        cols = tl.arange(0, D)
-        live = rows < N
-        k = tl.load(K + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], mask=live[:, None],
-                    other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.where(live, tl.sum(k * k, axis=1) / D + eps, 1.0))    # no 0·inf = NaN on padded rows
-        kf = k * rstd[:, None]
-        kh = kf.to(KH.dtype.element_ty)
-        tile = bh.to(tl.int64) * T * (BM * D) + rows[:, None] * D + cols[None, :]
-        tl.store(KH + tile, kh)
-        if WRITE_LO:
-            tl.store(KL + tile, (kf - kh.to(tl.float32)).to(tl.float16))
-        A = tl.exp2(tl.dot(kh, tl.trans(kh), input_precision=HI) * c1 - c2)       # A_II = exp(s·k̂k̂ᵀ − √d)
-        M = tl.where((rm[:, None] > rm[None, :]) & live[:, None], A, 0.0)         # strictly lower, real rows
-        X = _unit_lower_inverse(M, BM, HI)
         blk = bh.to(tl.int64) * T + I
-        tile = rm[:, None] * BM + rm[None, :]
-        if SPLIT:
-            Xh, Xl = _split(X)
-            tl.store(LINV + blk * (2 * BM * BM) + tile, Xh)
-            tl.store(LINV + blk * (2 * BM * BM) + BM * BM + tile, Xl)
+        K += bh.to(tl.int64) * N * D
+        pbase = bh.to(tl.int64) * T * (BM * D)
+        if BM >= 128:
+            # two halves: [[P, 0], [C, Q]]⁻¹ = [[P⁻¹, 0], [−Q⁻¹CP⁻¹, Q⁻¹]], so no 128×128 fp32 product is formed
+            # (at 128 rows those need more shared memory than an H100 has)
+            HB: tl.constexpr = BM // 2
+            rows0 = I * BM + tl.arange(0, HB)
+            rows1 = rows0 + HB
+            k0 = _khat(K, KH, KL, rows0, N, eps, pbase, D, WRITE_LO)
+            k1 = _khat(K, KH, KL, rows1, N, eps, pbase, D, WRITE_LO)
+            P = _unit_lower_inverse(_lower(k0, k0, rows0 < N, c1, c2, HI, True), HB, HI)
+            _store_inverse(LINV, blk, P, 0, 0, BM, SPLIT)
+            CP = tl.dot(_lower(k1, k0, rows1 < N, c1, c2, HI, False), P, input_precision=HI)
+            Q = _unit_lower_inverse(_lower(k1, k1, rows1 < N, c1, c2, HI, True), HB, HI)
+            _store_inverse(LINV, blk, Q, HB, HB, BM, SPLIT)
+            _store_inverse(LINV, blk, -tl.dot(Q, CP, input_precision=HI), HB, 0, BM, SPLIT)
+            _store_inverse(LINV, blk, tl.zeros((HB, HB), dtype=tl.float32), 0, HB, BM, SPLIT)
         else:
-            tl.store(LINV + blk * (BM * BM) + tile, X)
+            rows = I * BM + tl.arange(0, BM)
+            kh = _khat(K, KH, KL, rows, N, eps, pbase, D, WRITE_LO)
+            X = _unit_lower_inverse(_lower(kh, kh, rows < N, c1, c2, HI, True), BM, HI)
+            _store_inverse(LINV, blk, X, 0, 0, BM, SPLIT)
 
     @triton.jit
     def _wait(COUNT, ERR, need, limit):
@@ -388,11 +422,14 @@ def supports(k, v):
     return None
 
 
-def config(D, fp16_ops, N=None, block_size=None):
-    """Launch shape (BM rows per block, BN rows per inner tile, warps, pipeline stages). Defaults come from
-    `python kernel.py --report` (ahead-of-time compiles for sm_90 / sm_80): the largest tiles without spills."""
+def config(D, fp16_ops, N=None, block_size=None, arch=90):
+    """Launch shape (BM rows per block, BN rows per inner tile, warps, pipeline stages) for compute capability
+    arch (90 = sm_90). The defaults are the largest tiles that compile without register spills in
+    `python kernel.py --report` (ahead-of-time compiles for sm_90 and sm_80): 128×64 with 8 warps for 16-bit inputs
+    (64×64 on sm_80 at D = 128); 32×32 for fp32 inputs, whose ~fp32 products (tf32x3) take three times the
+    registers."""
     if block_size is None:
-        BM = 128 if fp16_ops else 64
+        BM = 32 if not fp16_ops else 64 if arch < 90 and D > 64 else 128
         if N is not None:
             BM = min(BM, max(16, triton.next_power_of_2(N)))
     elif block_size in BLOCK_SIZES:
@@ -400,7 +437,14 @@ def config(D, fp16_ops, N=None, block_size=None):
     else:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
     BN = min(BM, 64 if fp16_ops else 32)
-    return BM, BN, 8 if BM >= 128 else 4, 2
+    return BM, BN, 8 if BM >= 128 or (fp16_ops and D > 64) else 4, 2
+
+
+def _arch(device):
+    if device.type != "cuda":
+        return 90                                   # the interpreter: any
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _consts(D):
@@ -447,7 +491,7 @@ def _prologue(k, BM, D, fp16_ops, eps, c, write_lo):
     linv = (_buffer(BH, T, 2, BM, BM, dtype=torch.float16, device=k.device) if fp16_ops else
             _buffer(BH, T, BM, BM, dtype=torch.float32, device=k.device))
     _prologue_kernel[(T, BH)](k, kh, kl, linv, N, eps, c["c1"], c["c2"], D=D, BM=BM, HI=c["hi"], SPLIT=fp16_ops,
-                              WRITE_LO=write_lo, num_warps=8 if BM >= 128 else 4)
+                              WRITE_LO=write_lo, num_warps=4)
     return kh, kl, linv
 
 
@@ -461,7 +505,7 @@ def _forward(k, v, eps, block_size=None, max_spin=None, fp32_ops=False, sync=Non
     k, v = k.reshape(BH, N, D).contiguous(), v.reshape(BH, N, D).contiguous()
     fp16_ops = not fp32_ops and k.dtype != torch.float32 and v.dtype != torch.float32
     c = _consts(D)
-    BM, BN, warps, stages = config(D, fp16_ops, N, block_size)
+    BM, BN, warps, stages = config(D, fp16_ops, N, block_size, _arch(v.device))
     # the interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest), so there torch does that cast
     out_dtype = torch.float32 if _interpreting() and v.dtype == torch.bfloat16 else v.dtype
     while True:
@@ -497,7 +541,7 @@ def _backward(k, vc, g, eps, BM, max_spin=None, sync=None, _delay=0, _stall_bloc
     k, g = k.reshape(BH, N, D).contiguous(), g.reshape(BH, N, D).contiguous()
     fp16_ops = vc.dtype == torch.float16
     c = _consts(D)
-    _, BN, warps, stages = config(D, fp16_ops, N, BM)
+    _, BN, warps, stages = config(D, fp16_ops, N, BM, _arch(g.device))
     BN = min(BN, BM)
     T = triton.cdiv(N, BM)
     kh, kl, linv = _prologue(k, BM, D, fp16_ops, eps, c, fp16_ops)
@@ -540,7 +584,7 @@ class _Precondition(torch.autograd.Function):
 def precondition(k, v, eps=EPS, block_size=None):
     """V' = (I + stril(A))⁻¹ V, A = exp(s·K̂K̂ᵀ − √d), for k, v of shape (B, H_kv, T, D); differentiable in k and v.
     Assumes supports(k, v) is None. block_size: rows per block (16, 32, 64, 128); by default 128 for 16-bit inputs
-    and 64 for fp32 (see config). No host sync: a chain that gives up returns NaN (LUCID_KERNEL_CHECK=1 raises)."""
+    and 32 for fp32 (see config). No host sync: a chain that gives up returns NaN (LUCID_KERNEL_CHECK=1 raises)."""
     if v.numel() == 0:
         return v.clone()
     on_gpu = torch.cuda.device(k.device) if k.device.type == "cuda" else contextlib.nullcontext()
@@ -836,6 +880,8 @@ def decode_selfcheck(device, dtype, D, G, eps=EPS):
 # wheel. Bytes and FLOPs per inner step are counted from the code: per BN-row tile, with 16-bit (or fp32) operands.
 
 _FLOAT_ARGS = ("eps", "c1", "c2")
+_GPU_FENCE = r"\bMEMBAR\.\w+\.(GPU|SYS)\b"    # MEMBAR.*.CTA belongs to the cp.async / wgmma pipeline
+_ATOMIC = r"\b(ATOMG|ATOM|RED|REDG)\."
 
 
 def _ptr_types(fn, fp16_ops, D):
@@ -902,20 +948,20 @@ def analyse(fn, arch, constexprs, fp16_ops, num_warps, num_stages):
         hgmma=count(loop, r"\bHGMMA\b"), hmma=count(loop, r"\bHMMA\b"),
         ld128=count(loop, r"\bLDG(STS)?\.E[A-Z.]*\.128\b") + count(loop, r"\bUTMALDG\b"),
         ld_narrow=count(loop, r"\bLDG\.E(\.U16|\.16)?\s"),
-        membar_loop=count(loop, r"\bMEMBAR\b"), atom_loop=count(loop, r"\b(ATOMG|RED|REDG|ATOM)\b"),
-        membar=count(allv, r"\bMEMBAR\b"), atom=count(allv, r"\b(ATOMG|RED|REDG|ATOM)\b"))
+        membar_loop=count(loop, _GPU_FENCE), atom_loop=count(loop, _ATOMIC),
+        membar=count(allv, _GPU_FENCE), atom=count(allv, _ATOMIC))
 
 
-def _report_configs(D, fp16_ops):
+def _report_configs(D, fp16_ops, arch=90):
     """(name, kernel, constexprs, warps, stages, bytes per inner step, FLOPs per inner step) at the defaults."""
-    BM, BN, warps, stages = config(D, fp16_ops)
+    BM, BN, warps, stages = config(D, fp16_ops, arch=arch)
     op = 2 if fp16_ops else 4
     common = dict(D=D, BM=BM, HI="tf32x3")
     chain = dict(common, BN=BN, FP16_OPS=fp16_ops, STAGES=stages, DELAY=0, STALL_BLOCK=-1)
     dk = dict(common, BN=BN, FP16_OPS=fp16_ops, STAGES=stages)
     gemm = 2 * BM * BN * D
     return [
-        ("prologue", _prologue_kernel, dict(common, SPLIT=fp16_ops, WRITE_LO=fp16_ops), warps, 1, 0, 0),
+        ("prologue", _prologue_kernel, dict(common, SPLIT=fp16_ops, WRITE_LO=fp16_ops), 4, 1, 0, 0),
         ("forward", _fwd_kernel, chain, warps, stages, 2 * BN * D * op, 2 * gemm),     # k̂_J, V'_J; S, A·V'
         ("backward chain", _bwd_chain_kernel, chain, warps, stages, 2 * BN * D * op, 2 * gemm),   # k̂_I, dV_I
         ("dk rows", _dk_kernel, dict(dk, COLUMNS=False), warps, stages,                # k̂_J (+ lo part), V'_J
@@ -928,22 +974,23 @@ def _report_configs(D, fp16_ops):
 def report(archs=(90, 80), head_dims=(64, 128), dtypes=("bf16", "fp32"), out=print):
     """Compile every default configuration and print one markdown table row per kernel and target."""
     cols = ["kernel", "arch", "dtype", "D", "BM×BN", "warps", "stages", "regs", "spill bytes (STL+LDL)", "shared KB",
-            "MMA in main loop", "128-bit loads", "MEMBAR / atomics in loop (kernel)", "bytes / FLOPs per step",
+            "MMA in main loop", "128-bit loads in loop", "GPU fences / atomics in loop (kernel)", "bytes / FLOPs per step",
             "FLOP/byte"]
     out("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for arch in archs:
         for dtype in dtypes:
             for D in head_dims:
                 fp16_ops = dtype != "fp32"
-                BM, BN = config(D, fp16_ops)[:2]
-                for name, fn, cx, warps, stages, nbytes, flops in _report_configs(D, fp16_ops):
+                BM, BN = config(D, fp16_ops, arch=arch)[:2]
+                for name, fn, cx, warps, stages, nbytes, flops in _report_configs(D, fp16_ops, arch):
                     r = analyse(fn, arch, cx, fp16_ops, warps, stages)
                     mma = f"{r['hgmma']} HGMMA" if r["hgmma"] else f"{r['hmma']} HMMA" if r["hmma"] else "-"
                     step = f"{nbytes // 1024} KB / {flops / 1e6:.1f} M" if nbytes else "-"
-                    out(f"| {name} | sm_{arch} | {dtype} | {D} | {BM}×{BN if name != 'prologue' else BM} | {warps} | "
+                    tiles = f"{BM}×{BN}" if nbytes else f"{BM}"
+                    out(f"| {name} | sm_{arch} | {dtype} | {D} | {tiles} | {warps} | "
                         f"{stages} | {r['regs']} | {r['stack']} ({r['spill_ops']}) | {r['shared'] / 1024:.0f} | {mma} | "
                         f"{r['ld128']} | {r['membar_loop']} / {r['atom_loop']} ({r['membar']} / {r['atom']}) | {step} | "
-                        f"{flops / nbytes if nbytes else 0:.0f} |", )
+                        f"{flops / nbytes:.0f} |" if nbytes else "- |")
 
 
 # ---------------------------------------------------------------------------------------------------------------
