@@ -1,22 +1,33 @@
 """
-Triton kernels for the LUCID preconditioner solve (arXiv 2602.10410), per (batch, KV head):
+Triton kernels for the LUCID preconditioner solve (arXiv 2602.10410), per (batch, KV head), in lucid.py's notation:
 
-    k̂ = RMSNorm(k) (fp32, no weight),  E = exp(s·K̂K̂ᵀ − 1/s),  V' = (I + stril(E))⁻¹ V,  s = d^-1/2
+    k̂ = RMSNorm(k) (fp32, no weight),  A = exp(s·K̂K̂ᵀ − √d),  L = I + stril(A),  V' = L⁻¹V,  s = 1/√d
 
-Forward: one program per (row block I, head). Block I needs V'_J of every earlier block J, so the programs form a
-chain: each publishes V'_I and then raises flag[head, I]; later blocks spin (bounded) on the flags they need. Programs
-take a ticket from an atomic counter instead of using program_id, so a program only ever waits on programs that
-have already started: no deadlock whatever order the GPU dispatches programs in.
-Backward: the same chain in reverse for dV = L⁻ᵀ G, with the key gradient accumulated alongside.
+Rows come in blocks of BM (128 for 16-bit inputs); A_IJ is the (block I, block J) tile of A.
+Forward, two launches:
+  1. a fully parallel prologue: k̂ in the tensor-core operand type and every diagonal block's exact inverse
+     (I + stril(A_II))⁻¹, off the chain;
+  2. the chain, one program per (block I, head): R = V_I − Σ_{J<I} A_IJ·V'_J, then V'_I = (I + stril(A_II))⁻¹·R.
+     Block I needs V'_J of every earlier block, and blocks of a head become final in order, so a per-head counter
+     says how many are final: one acquire read of it, a pipelined loop over those (no flag checks), and a bounded
+     poll only for the blocks still in flight. Programs take a ticket from an atomic counter instead of using
+     program_id, so a program only ever waits on programs that have already started: no deadlock whatever order the
+     GPU dispatches programs in.
+Backward, four launches: the prologue again; the reverse chain for dV = L⁻ᵀG only (2 GEMMs per block pair, no
+atomics); then dK̂ = s·(Z + Zᵀ)·K̂ by two fully parallel passes (rows and columns, as FlashAttention-2 splits dQ from
+dK/dV); the RMSNorm backward last, in PyTorch.
+No host sync: a chain that gives up (a wait past its bound) or overflows the fp16 chain copy sets a bit in a device
+error word and leaves NaN in the outputs, never plausible numbers; every other waiter sees the bit and gives up at
+once. The launch path can be captured in a CUDA graph. LUCID_KERNEL_CHECK=1 (or sync=True) reads the word per call.
 
 The math and the PyTorch fallback are in lucid.py; this file stands alone (torch and triton only), with its own tiny
 dense float64 references for the self-checks.
 Public API (used by lucid.py and model.py): supports(k, v), precondition(k, v, eps=EPS, block_size=None),
 selfcheck(device, dtype, D); decode_supports(q, k_cache), decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length,
 start=None, eps=EPS, split_len=None, lucid_solve=True), decode_selfcheck(device, dtype, D, G).
-Each launch ends with one host sync: the host reads the kernels' error word and raises if a chain wait timed out.
 On a CPU-only machine set TRITON_INTERPRET=1 before triton is imported to run the kernels in the interpreter.
-`python kernel.py` benchmarks against SDPA on a GPU.
+`python kernel.py` benchmarks against SDPA on a GPU; `python kernel.py --report` (no GPU needed) compiles the kernels
+for sm_90 and sm_80 and prints what the compiler made of them.
 """
 
 import contextlib
@@ -687,7 +698,7 @@ if triton is not None:
                 r = tl.load(RC + b * sr_b + h * sr_h + offs * sr_n, mask=valid, other=0.0).to(ACC_T)
                 kk = tl.sum(tl.where(is_g[:, None], sc, 0.0), 0)            # k̂_t·k_j, (BLOCK_N,)
                 a = tl.where(valid, tl.exp2((scale * r * kk - 1.0 / scale) * 1.4426950408889634), 0.0)
-                p = tl.where(is_g[:, None], a[None, :], p)                  # row G of W: the E row
+                p = tl.where(is_g[:, None], a[None, :], p)                  # row G of W: the row of A
             if FP16_DOT:                                                    # one read of v'_j
                 pv = tl.dot(p.to(tl.float16), vp.to(tl.float16)).to(ACC_T)
             else:
