@@ -996,12 +996,12 @@ def report(archs=(90, 80), head_dims=(64, 128), dtypes=("bf16", "fp32"), out=pri
                 for name, fn, cx, warps, stages, nbytes, flops in _report_configs(D, fp16_ops, arch):
                     r = analyse(fn, arch, cx, fp16_ops, warps, stages)
                     mma = f"{r['hgmma']} HGMMA" if r["hgmma"] else f"{r['hmma']} HMMA" if r["hmma"] else "-"
-                    step = f"{nbytes // 1024} KB / {flops / 1e6:.1f} M" if nbytes else "-"
                     tiles = f"{BM}×{BN}" if nbytes else f"{BM}"
-                    out(f"| {name} | sm_{arch} | {dtype} | {D} | {tiles} | {warps} | "
-                        f"{stages} | {r['regs']} | {r['stack']} ({r['spill_ops']}) | {r['shared'] / 1024:.0f} | {mma} | "
-                        f"{r['ld128']} | {r['membar_loop']} / {r['atom_loop']} ({r['membar']} / {r['atom']}) | {step} | "
-                        f"{flops / nbytes:.0f} |" if nbytes else "- |")
+                    step = f"{nbytes // 1024} KB / {flops / 1e6:.1f} M" if nbytes else "-"
+                    intensity = f"{flops / nbytes:.0f}" if nbytes else "-"
+                    out(f"| {name} | sm_{arch} | {dtype} | {D} | {tiles} | {warps} | {stages} | {r['regs']} | "
+                        f"{r['stack']} ({r['spill_ops']}) | {r['shared'] / 1024:.0f} | {mma} | {r['ld128']} | "
+                        f"{r['membar_loop']} / {r['atom_loop']} ({r['membar']} / {r['atom']}) | {step} | {intensity} |")
 
 
 # ---------------------------------------------------------------------------------------------------------------
