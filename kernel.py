@@ -226,6 +226,26 @@ if triton is not None:
         tl.atomic_max(COUNT, value, sem="release", scope="gpu")   # max: a late block never lowers the count
 
     @triton.jit
+    def _fwd_step(R, kI, KH, VC, off, c1, c2, D: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr):
+        # R − A_IJ·V'_J for one BN-row tile of earlier rows at element offset `off` of the padded KH / VC
+        tile = off + tl.arange(0, BN)[:, None] * D + tl.arange(0, D)[None, :]
+        kJ = tl.load(KH + tile)                                                     # (BN, D)
+        A = tl.exp2(tl.dot(kI, tl.trans(kJ), input_precision=HI) * c1 - c2)       # A_IJ tile (BM, BN), fp32
+        return R - tl.dot(A.to(VC.dtype.element_ty), tl.load(VC + tile), input_precision=HI)
+
+    @triton.jit
+    def _bwd_step(R, kJ, KH, DVC, SCALE, off, c1, c2, D: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
+                  FP16_OPS: tl.constexpr):
+        # R − A_IJᵀ·dV_I for one BN-row tile of later rows; with FP16_OPS dV_I is stored divided by *SCALE
+        tile = off + tl.arange(0, BN)[:, None] * D + tl.arange(0, D)[None, :]
+        kI = tl.load(KH + tile)
+        At = tl.exp2(tl.dot(kJ, tl.trans(kI), input_precision=HI) * c1 - c2)      # A_IJᵀ tile (BM, BN)
+        if FP16_OPS:
+            return R - tl.dot(At.to(tl.float16), tl.load(DVC + tile)) * tl.load(SCALE)
+        else:
+            return R - tl.dot(At, tl.load(DVC + tile), input_precision=HI)
+
+    @triton.jit
     def _fwd_kernel(KH, V, LINV, VP, VC, STATE, N, BH, T, c1, c2, max_spin, cap,
                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
                     FP16_OPS: tl.constexpr, STAGES: tl.constexpr, DELAY: tl.constexpr, STALL_BLOCK: tl.constexpr):
@@ -239,7 +259,6 @@ if triton is not None:
         ERR = STATE + 1
         pbase = bh.to(tl.int64) * T * (BM * D)
         rm = tl.arange(0, BM)
-        rn = tl.arange(0, BN)
         cols = tl.arange(0, D)
         rows = I * BM + rm
         kI = tl.load(KH + pbase + rows[:, None] * D + cols[None, :])               # (BM, D)
@@ -249,21 +268,14 @@ if triton is not None:
         # flag checks (loads of later tiles may be issued early: they are already final)
         done = tl.minimum(tl.minimum(tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu"), I), cap)   # cap: test hook
         for j0 in tl.range(0, done * BM, BN, num_stages=STAGES):
-            kJ = tl.load(KH + pbase + (j0 + rn)[:, None] * D + cols[None, :])      # (BN, D)
-            A = tl.exp2(tl.dot(kI, tl.trans(kJ), input_precision=HI) * c1 - c2)   # A_IJ tile (BM, BN), fp32
-            vJ = tl.load(VC + pbase + (j0 + rn)[:, None] * D + cols[None, :])     # V'_J tile (BN, D)
-            R -= tl.dot(A.to(VC.dtype.element_ty), vJ, input_precision=HI)      # fp32 accumulate
+            R = _fwd_step(R, kI, KH, VC, pbase + j0 * D, c1, c2, D, BN, HI)
         # the blocks still in flight: wait for each (in order), one stage, so no V'_J load is issued before its poll
         limit = max_spin
         for J in tl.range(done, I, num_stages=1):
             c = _wait(COUNT, ERR, J + 1, limit)
             limit = tl.where(c > J, limit, 0)    # after a give-up: no more waiting, the result is poisoned below
             for sub in tl.static_range(BM // BN):
-                j0 = J * BM + sub * BN
-                kJ = tl.load(KH + pbase + (j0 + rn)[:, None] * D + cols[None, :])
-                A = tl.exp2(tl.dot(kI, tl.trans(kJ), input_precision=HI) * c1 - c2)
-                vJ = tl.load(VC + pbase + (j0 + rn)[:, None] * D + cols[None, :])
-                R -= tl.dot(A.to(VC.dtype.element_ty), vJ, input_precision=HI)
+                R = _fwd_step(R, kI, KH, VC, pbase + (J * BM + sub * BN) * D, c1, c2, D, BN, HI)
         X = _apply_inverse(LINV, bh.to(tl.int64) * T + I, R, BM, HI, FP16_OPS, False)   # V'_I (BM, D), fp32
         X = tl.where(rows[:, None] < N, X, 0.0)                                     # padded rows stay 0
         bad = tl.load(ERR, volatile=True) != 0   # a chain that gave up anywhere returns NaN, never plausible numbers
@@ -297,23 +309,15 @@ if triton is not None:
         ERR = STATE + 1
         pbase = bh.to(tl.int64) * T * (BM * D)
         rm = tl.arange(0, BM)
-        rn = tl.arange(0, BN)
         cols = tl.arange(0, D)
         rows = J * BM + rm
         kJ = tl.load(KH + pbase + rows[:, None] * D + cols[None, :])
         R = tl.load(G + bh.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :], mask=rows[:, None] < N,
                     other=0.0).to(tl.float32)
         done = tl.minimum(tl.minimum(tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu"), T - 1 - J), cap)
-        top = T * BM
         for step in tl.range(0, done * (BM // BN), num_stages=STAGES):             # final tiles, last row first
-            i0 = top - (step + 1) * BN
-            kI = tl.load(KH + pbase + (i0 + rn)[:, None] * D + cols[None, :])
-            At = tl.exp2(tl.dot(kJ, tl.trans(kI), input_precision=HI) * c1 - c2)  # A_IJᵀ tile (BM, BN)
-            dvI = tl.load(DVC + pbase + (i0 + rn)[:, None] * D + cols[None, :])
-            if FP16_OPS:
-                R -= tl.dot(At.to(tl.float16), dvI) * tl.load(DVS + bh * T + i0 // BM)
-            else:
-                R -= tl.dot(At, dvI, input_precision=HI)
+            i0 = T * BM - (step + 1) * BN
+            R = _bwd_step(R, kJ, KH, DVC, DVS + bh * T + i0 // BM, pbase + i0 * D, c1, c2, D, BN, HI, FP16_OPS)
         limit = max_spin
         for q in tl.range(0, T - 1 - J - done, num_stages=1):
             I = T - 1 - done - q
@@ -321,13 +325,7 @@ if triton is not None:
             limit = tl.where(c >= T - I, limit, 0)
             for sub in tl.static_range(BM // BN):
                 i0 = (I + 1) * BM - (sub + 1) * BN
-                kI = tl.load(KH + pbase + (i0 + rn)[:, None] * D + cols[None, :])
-                At = tl.exp2(tl.dot(kJ, tl.trans(kI), input_precision=HI) * c1 - c2)
-                dvI = tl.load(DVC + pbase + (i0 + rn)[:, None] * D + cols[None, :])
-                if FP16_OPS:
-                    R -= tl.dot(At.to(tl.float16), dvI) * tl.load(DVS + bh * T + I)
-                else:
-                    R -= tl.dot(At, dvI, input_precision=HI)
+                R = _bwd_step(R, kJ, KH, DVC, DVS + bh * T + I, pbase + i0 * D, c1, c2, D, BN, HI, FP16_OPS)
         X = _apply_inverse(LINV, bh.to(tl.int64) * T + J, R, BM, HI, FP16_OPS, True)   # back substitution, Lᵀ
         X = tl.where(rows[:, None] < N, X, 0.0)                # padded rows stay 0: later tiles read them
         X = tl.where(tl.load(ERR, volatile=True) != 0, float("nan"), X)
