@@ -556,14 +556,22 @@ def _backward(k, vc, g, eps, BM, max_spin=None, sync=None, _delay=0, _stall_bloc
     kh, kl, linv = _prologue(k, BM, D, fp16_ops, eps, c, fp16_ops)
     dvc = _buffer(BH, T * BM, D, dtype=vc.dtype, device=g.device)
     dvs = _buffer(BH, T, dtype=torch.float32, device=g.device)
-    state = torch.zeros(3 + BH, dtype=torch.int32, device=g.device)
-    _bwd_chain_kernel[(BH * T,)](kh, g, linv, dvc, dvs, state, N, BH, T, c["c1"], c["c2"], _max_spin(max_spin),
-                                 _cap, D=D, BM=BM, BN=BN, HI=c["hi"], FP16_OPS=fp16_ops, STAGES=stages,
-                                 DELAY=_delay, STALL_BLOCK=_stall_block, num_warps=warps)
     dkh = _buffer(2, BH, T * BM, D, dtype=torch.float32, device=g.device)
-    for columns in (False, True):
-        _dk_kernel[(T, BH)](kh, kl, vc, dvc, dvs, dkh, N, c["c1"], c["c2"], D=D, BM=BM, BN=BN, HI=c["hi"],
-                            FP16_OPS=fp16_ops, COLUMNS=columns, STAGES=stages, num_warps=warps)
+    while True:       # BM is the forward's (vc is padded to it); tiles that do not fit the GPU get fewer rows
+        try:
+            state = torch.zeros(3 + BH, dtype=torch.int32, device=g.device)
+            _bwd_chain_kernel[(BH * T,)](kh, g, linv, dvc, dvs, state, N, BH, T, c["c1"], c["c2"],
+                                         _max_spin(max_spin), _cap, D=D, BM=BM, BN=BN, HI=c["hi"], FP16_OPS=fp16_ops,
+                                         STAGES=stages, DELAY=_delay, STALL_BLOCK=_stall_block, num_warps=warps)
+            for columns in (False, True):
+                _dk_kernel[(T, BH)](kh, kl, vc, dvc, dvs, dkh, N, c["c1"], c["c2"], D=D, BM=BM, BN=BN, HI=c["hi"],
+                                    FP16_OPS=fp16_ops, COLUMNS=columns, STAGES=stages, num_warps=warps)
+        except triton.runtime.errors.OutOfResources:
+            if BN <= 16:
+                raise
+            BN //= 2
+            continue
+        break
     if sync if sync is not None else CHECK:
         check(state, "backward")
     dv = dvc.view(BH, T, BM, D).float() * dvs.view(BH, T, 1, 1) if fp16_ops else dvc

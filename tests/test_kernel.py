@@ -249,6 +249,28 @@ def test_block_too_big_for_the_gpu_falls_back_to_smaller_blocks(monkeypatch):
     assert_close("dv", reference(k, v, g)[2], dv, 1e-3 if CUDA else 1e-4)
 
 
+def test_backward_tiles_too_big_for_the_gpu_fall_back_to_fewer_rows(monkeypatch):
+    # the backward keeps the forward's blocks (its chain copy is padded to them) and halves the tile rows instead
+    real, tried = kernel._dk_kernel, []
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, BN, **kw):
+                tried.append(BN)
+                if BN > 16:
+                    raise kernel.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, BN=BN, **kw)
+            return launch
+
+    k, v, g = make_inputs("clustered", 1, 1, 80, 16, torch.float32, DEV)
+    vp, vc, BM, _ = kernel._forward(k, v, 1e-6, block_size=32, sync=True)
+    monkeypatch.setattr(kernel, "_dk_kernel", TooBig())
+    dk, dv, _ = kernel._backward(k, vc, g, 1e-6, BM, sync=True)
+    assert tried == [32, 16, 16]
+    _, rdk, rdv, _ = reference(k, v, g)
+    assert_close("dk", rdk, dk, 1e-3 if CUDA else 1e-4), assert_close("dv", rdv, dv, 1e-3 if CUDA else 1e-4)
+
+
 def test_import_without_triton():
     code = ("import sys; sys.modules['triton'] = None; import torch, kernel; "
             "assert kernel.supports(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16)) == 'triton is not installed'")
