@@ -57,13 +57,15 @@ def _interpreting():
 # ---------------------------------------------------------------------------------------------------------------
 # kernels
 #
-# Four launches per forward + backward, all with BM-row blocks (128 for 16-bit inputs) read in BN-row tiles:
+# Four kernels, all with BM-row blocks (128 for 16-bit inputs) read in BN-row tiles:
 #   _prologue_kernel   fully parallel: k̂ in the operand type and every diagonal block's inverse (I + stril(A_II))⁻¹
 #   _fwd_kernel        the chain: R = V_I − Σ_{J<I} A_IJ·V'_J over the blocks that are final, V'_I = inverse·R
 #   _bwd_chain_kernel  the reverse chain, only dV = L⁻ᵀG: R = G_J − Σ_{I>J} A_IJᵀ·dV_I, dV_J = inverseᵀ·R
 #   _dk_kernel         fully parallel, twice: the row and the column half of dK̂ = s·(Z + Zᵀ)·K̂
-# State (int32, zeroed per call): [0] ticket, [1] error word, [2] scratch, [3 + head] how many blocks of the head
-# are final. Blocks of a head become final in chain order, so one counter per head replaces a flag per block.
+# The forward launches the first two; the backward the prologue again, its chain and _dk_kernel twice.
+# State (int32, zeroed per call): [0] ticket, [1] error word, [2] polls made (for the tests), [3 + head] how many
+# blocks of the head are final. Blocks of a head become final in chain order, so one counter per head replaces a flag
+# per block.
 
 if triton is not None:
 
@@ -221,7 +223,7 @@ if triton is not None:
         if DELAY > 0:
             if I % 2 == 0:
                 for _ in range(DELAY):
-                    tl.atomic_add(STATE + 2, 0, sem="relaxed")
+                    tl.atomic_add(STATE + 2, 0, sem="relaxed")   # a slow no-op
         tl.debug_barrier()                                    # every thread's stores are issued before the release
         tl.atomic_max(COUNT, value, sem="release", scope="gpu")   # max: a late block never lowers the count
 
@@ -231,7 +233,8 @@ if triton is not None:
         tile = off + tl.arange(0, BN)[:, None] * D + tl.arange(0, D)[None, :]
         kJ = tl.load(KH + tile)                                                     # (BN, D)
         A = tl.exp2(tl.dot(kI, tl.trans(kJ), input_precision=HI) * c1 - c2)       # A_IJ tile (BM, BN), fp32
-        return R - tl.dot(A.to(VC.dtype.element_ty), tl.load(VC + tile), input_precision=HI)
+        vJ = tl.load(VC + tile, cache_modifier=".cg")   # L2, never a stale L1 line: another program wrote it
+        return R - tl.dot(A.to(VC.dtype.element_ty), vJ, input_precision=HI)
 
     @triton.jit
     def _bwd_step(R, kJ, KH, DVC, SCALE, off, c1, c2, D: tl.constexpr, BN: tl.constexpr, HI: tl.constexpr,
@@ -240,10 +243,11 @@ if triton is not None:
         tile = off + tl.arange(0, BN)[:, None] * D + tl.arange(0, D)[None, :]
         kI = tl.load(KH + tile)
         At = tl.exp2(tl.dot(kJ, tl.trans(kI), input_precision=HI) * c1 - c2)      # A_IJᵀ tile (BM, BN)
+        dvI = tl.load(DVC + tile, cache_modifier=".cg")
         if FP16_OPS:
-            return R - tl.dot(At.to(tl.float16), tl.load(DVC + tile)) * tl.load(SCALE)
+            return R - tl.dot(At.to(tl.float16), dvI) * tl.load(SCALE, cache_modifier=".cg")
         else:
-            return R - tl.dot(At, tl.load(DVC + tile), input_precision=HI)
+            return R - tl.dot(At, dvI, input_precision=HI)
 
     @triton.jit
     def _fwd_kernel(KH, V, LINV, VP, VC, STATE, N, BH, T, c1, c2, max_spin, cap,
@@ -991,8 +995,8 @@ def _report_configs(D, fp16_ops, arch=90):
 def report(archs=(90, 80), head_dims=(64, 128), dtypes=("bf16", "fp32"), out=print):
     """Compile every default configuration and print one markdown table row per kernel and target."""
     cols = ["kernel", "arch", "dtype", "D", "BM×BN", "warps", "stages", "regs", "spill bytes (STL+LDL)", "shared KB",
-            "MMA in main loop", "128-bit loads in loop", "GPU fences / atomics in loop (kernel)", "bytes / FLOPs per step",
-            "FLOP/byte"]
+            "MMA in main loop", "128-bit loads in loop", "GPU fences / atomics in loop (kernel)",
+            "bytes / FLOPs per step", "FLOP/byte"]
     out("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for arch in archs:
         for dtype in dtypes:
