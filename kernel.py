@@ -1072,6 +1072,8 @@ def _bench():
 if __name__ == "__main__":
     import sys
     if "--report" in sys.argv:
+        if triton is None or _interpreting():
+            sys.exit("kernel.py --report: needs triton, and TRITON_INTERPRET unset (the compiler, not the interpreter)")
         report()
     else:
         _bench()
