@@ -31,7 +31,7 @@ def make_keys(kind, B, H, T, D, seed=0, dtype=torch.float64):
 
 
 def reference_precondition(k, v, eps=lucid.EPS):
-    """V' = (I + stril(exp(s·k̂k̂ᵀ − 1/s)))⁻¹ V in float64, written out independently of lucid.py."""
+    """V' = (I + stril(exp(s·k̂k̂ᵀ − √d)))⁻¹ V in float64, written out independently of lucid.py."""
     k, v = k.double(), v.double()
     D, T = k.shape[-1], k.shape[-2]
     kh = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + eps)
@@ -172,17 +172,27 @@ def test_identical_keys_give_first_differences():
     assert_close("first differences", expected, out, 1e-12)
 
 
+@pytest.mark.parametrize("eps", [0.0, lucid.EPS, 1e-2])
 @pytest.mark.parametrize("kind", KEY_KINDS)
-def test_inverse_norm_at_most_two(kind):
-    """‖L⁻¹‖₂ ≤ 2 for any keys, hence ‖V'‖ ≤ 2‖V‖."""
+def test_inverse_norm_at_most_two(kind, eps):
+    """‖L⁻¹‖₂ ≤ 2 for any keys and eps ≥ 0, hence ‖V'‖ ≤ 2‖V‖."""
     T, D = 200, 16
     k = make_keys(kind, 1, 1, T, D, seed=4)
-    kh, _ = lucid.rms_normalize(k)
+    kh, _ = lucid.rms_normalize(k, eps)
     L = torch.tril(lucid.preconditioner_entries(kh, kh), -1)[0, 0] + torch.eye(T, dtype=torch.float64)
     inv_norm = torch.linalg.matrix_norm(torch.linalg.inv(L), ord=2).item()
     assert 1.0 <= inv_norm <= 2.0 + 1e-9, inv_norm
     v = torch.randn(1, 1, T, D, dtype=torch.float64)
-    assert lucid.precondition(k, v, impl="torch").norm() <= 2.0 * v.norm() + 1e-9
+    assert lucid.precondition(k, v, impl="torch", eps=eps).norm() <= 2.0 * v.norm() + 1e-9
+
+
+def test_a_learned_norm_weight_would_break_the_bound():
+    """The bound needs A_ii ≤ 1, i.e. |k̂_i|² ≤ d: a weight on the key normalisation (here 1.1 on every channel) lets
+    A exceed 1 and ‖L⁻¹‖₂ grow far past 2. This is why rms_normalize has no weight."""
+    T, D = 200, 16
+    kh, _ = lucid.rms_normalize(make_keys("near_duplicate", 1, 1, T, D, seed=4))
+    L = torch.tril(lucid.preconditioner_entries(1.1 * kh, 1.1 * kh), -1)[0, 0] + torch.eye(T, dtype=torch.float64)
+    assert torch.linalg.matrix_norm(torch.linalg.inv(L), ord=2).item() > 10.0
 
 
 def test_orthogonal_keys_give_constant_entries():
