@@ -17,6 +17,7 @@ logs, evaluates and writes. gradient_accumulation_steps counts micro-steps of th
 """
 
 import ast
+import atexit
 import math
 import os
 import signal
@@ -155,8 +156,8 @@ def get_lr(it, c):
 def check_settings(c):
     """A ValueError naming the first setting that cannot work."""
     positive = ["batch_size", "gradient_accumulation_steps", "block_size", "max_iters", "log_interval", "eval_interval",
-                "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "eval_iters"]
-    non_negative = ["warmup_iters", "schedule_iters", "curriculum_start", "eval_samples", "grad_clip", "cpu_threads",
+                "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size"]
+    non_negative = ["eval_iters", "warmup_iters", "schedule_iters", "curriculum_start", "eval_samples", "grad_clip", "cpu_threads",
                     "mlp_hidden", "weight_decay", "min_lr", "needle_cap", "query_cap"]
     for key in positive:
         if not c[key] > 0:
@@ -251,7 +252,6 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank, self.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = "RANK" in os.environ and self.world > 1
-        self.started = False
         if c["fsdp"] and not self.enabled:
             raise ValueError("fsdp=True shards the model over several processes: launch with torchrun "
                              "--nproc_per_node=N (N > 1), or train without fsdp")
@@ -264,9 +264,9 @@ class Distributed:
             if self.device.startswith("cuda"):
                 self.device = f"cuda:{self.local_rank}"
                 torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
+            if not dist.is_initialized():             # once per process: a second train() call reuses the group
                 dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
-                self.started = True
+                atexit.register(dist.destroy_process_group)
         self.master = self.rank == 0
 
     def all_reduce(self, tensor, op="sum"):
@@ -279,11 +279,6 @@ class Distributed:
         if self.enabled:
             import torch.distributed as dist
             dist.barrier()
-
-    def close(self):
-        if self.started:
-            import torch.distributed as dist
-            dist.destroy_process_group()
 
 
 class StopFlag:
@@ -314,11 +309,7 @@ class StopFlag:
 def train(c):
     """Train with settings c (a dict like DEFAULTS). Returns the list of per-iteration losses (rank 0's)."""
     check_settings(c)
-    dist = Distributed(c)
-    try:
-        return _train(c, dist)
-    finally:
-        dist.close()
+    return _train(c, Distributed(c))
 
 
 def _train(c, dist):
@@ -473,6 +464,7 @@ def _train(c, dist):
             save(ckpt_path, {"model": model_state, "optimizer": optim_state, "model_args": model_args,
                              "iter_num": it, "config": c})
             log(f"saved {ckpt_path}")
+        dist.barrier()                                    # nobody reads it (a resume in the same process) too early
 
     losses, pending = [], []
     t0, iters_timed, tokens_timed = time.time(), 0, 0
