@@ -142,12 +142,16 @@ import train
 c = {settings!r}
 train.train(dict(c, max_iters=10))
 train.train(dict(c, init_from="resume"))
+sharded = dict(c, fsdp=True, out_dir=c["out_dir"] + "-fsdp")
+train.train(dict(sharded, max_iters=10))
+train.train(dict(sharded, init_from="resume"))
 print(f"rank {{os.environ['RANK']}} wrote {{written}}", flush=True)
 """
 
 
-def test_torchrun_ddp_equals_one_process_and_rank_1_writes_nothing(tmp_path):
-    """2 processes (gloo), 2 x 1 micro-steps of 2 windows, stopped at 10 and resumed to 20 == 1 process, 2 micro-steps."""
+def test_torchrun_ddp_and_fsdp_equal_one_process_and_rank_1_writes_nothing(tmp_path):
+    """2 processes (gloo), 1 micro-step of 2 windows each, stopped at 10 and resumed to 20, with DDP and with FSDP2
+    == 1 process with 2 micro-steps of 2 windows, 20 steps straight."""
     c = text_settings(tmp_path / "ddp", max_iters=20, log_interval=10)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(root=ROOT, tmp=str(tmp_path), settings=c))
@@ -165,8 +169,11 @@ def test_torchrun_ddp_equals_one_process_and_rank_1_writes_nothing(tmp_path):
     moved = max((single[k] - train.GPT(train.GPTConfig(**{a: one[a] for a in train.ARCH_KEYS})).state_dict()[k])
                 .abs().max().item() for k in single)
     assert moved > 1e-3                                      # the weights trained away from init
-    diff = max((ddp[k] - single[k]).abs().max().item() for k in single)
-    assert diff < 1e-5, diff
+    fsdp = torch.load(tmp_path / "ddp" / "out-fsdp" / "ckpt.pt", weights_only=True)["model"]
+    assert fsdp.keys() == single.keys()
+    for name, state in (("DDP", ddp), ("FSDP", fsdp)):
+        diff = max((state[k] - single[k]).abs().max().item() for k in single)
+        assert diff < 2e-6, (name, diff)
 
 
 @pytest.mark.parametrize("attn", ["softmax", "lucid"])
