@@ -242,3 +242,18 @@ def test_ctrl_c_saves_then_stops(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         train.train(text_settings(tmp_path, max_iters=20))
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 1
+
+
+def test_sample_continues_a_text_prompt(tmp_path, capsys):
+    import sample
+    train.train(text_settings(tmp_path, max_iters=2))
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the needle")
+    for start in ("the key", f"FILE:{prompt}"):
+        sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--start", start, "--num_samples", "2",
+                     "--max_new_tokens", "7", "--top_k", "5"])
+    out = capsys.readouterr().out
+    assert out.count("--- sample ") == 4 and "\nthe key" in out and "\nthe needle" in out
+    sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--attn", "softmax", "--num_samples", "1",
+                 "--max_new_tokens", "3", "--temperature", "0"])
+    assert "softmax attention" in capsys.readouterr().out
