@@ -207,7 +207,8 @@ def describe(cfg, c, world, micro_batch):
     flops = flops_per_token(cfg, T)
     act_bytes = 2 if c["dtype"] == "bfloat16" else 4
     budget = memory_budget(cfg, micro_batch, T, act_bytes=act_bytes, shards=world if c["fsdp"] else 1)
-    lines = [f"tokens per optimizer step: {tokens_per_step:,} ({c['gradient_accumulation_steps']} micro-steps of "
+    lines = [f"tokens per optimizer step: {tokens_per_step:,} ({c['gradient_accumulation_steps']} micro-step"
+             f"{'s' if c['gradient_accumulation_steps'] > 1 else ''} of "
              f"{c['batch_size']} x {T:,} tokens, over {world} process{'es' if world > 1 else ''})",
              f"training FLOPs per token at T={T:,}: {sum(flops.values()) / 1e9:.4g} GFLOP = dense "
              f"{flops['dense'] / 1e9:.4g} + attention (causal half) {flops['attention'] / 1e9:.4g} + LUCID solve "
