@@ -187,6 +187,10 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             if self.attn == "lucid":  # the switch: precondition the values, V' = L⁻¹V
+                # under torch.compile q, k, v cross the solve's graph break as copies: as views of the projections,
+                # torch 2.13's AOT autograd rebuilt them with garbage sizes (models of 2+ layers crashed)
+                if torch.compiler.is_compiling():
+                    q, k, v = q.clone(), k.clone(), v.clone()
                 v = precondition_outside_graph(k, v, self.lucid_impl)
             y = causal_attention(q, k, v)                                                        # (B, H, T, D)
         else:
