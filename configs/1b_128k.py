@@ -5,10 +5,11 @@
 #   python train.py configs/1b_128k.py                                       # one 80 GB GPU
 #   torchrun --standalone --nproc_per_node=8 train.py configs/1b_128k.py     # one node of 8 GPUs (DDP)
 #   torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 \
-#       train.py configs/1b_128k.py                                          # 4 nodes; add --fsdp=True to shard
+#       train.py configs/1b_128k.py --gradient_accumulation_steps=32 --fsdp=True     # 4 nodes, 32 GPUs, sharded
 #
 # Tokens per optimizer step: 8 micro-steps × 1 × 131,072 = 1,048,576 (~1M), whatever the number of GPUs: the 8
-# micro-steps are divided among them (8 GPUs: one each). The sequence-length warmup starts at 4K with 32 sequences
+# micro-steps are divided among them (8 GPUs: one each). More than 8 GPUs need at least one micro-step each, so raise
+# gradient_accumulation_steps to a multiple of their number (32 GPUs: 32, 4M tokens per step). The sequence-length warmup starts at 4K with 32 sequences
 # per micro-step and doubles the length (halving the sequences) in 6 equal stages up to 128K.
 #
 # Memory budget per GPU at 128K (printed at start, model.memory_budget; bf16 activations, micro-batch 1 × 131,072):
