@@ -96,14 +96,16 @@ def load_documents(c, files, builder):
         else:
             ds = datasets.load_dataset(c["hf_dataset"], c["hf_config"] or None, split=c["hf_split"])
     except Exception as e:
-        where = f"local files ({builder})" if files else f"Hub dataset {c['hf_dataset']!r} (config {c['hf_config']!r}, " \
-                                                          f"split {c['hf_split']!r})"
-        hint = "" if files else "; offline, only datasets already in the Hugging Face cache load (HF_DATASETS_OFFLINE=1)"
-        raise ValueError(f"could not load the {where}: {type(e).__name__}: {str(e).splitlines()[0][:300]}{hint}") from None
+        where = f"local files ({builder})" if files else \
+            f"Hub dataset {c['hf_dataset']!r} (config {c['hf_config']!r}, split {c['hf_split']!r})"
+        hint = "" if files else "; offline, only datasets already in the Hugging Face cache load"
+        first_line = str(e).splitlines()[0][:300] if str(e) else ""
+        raise ValueError(f"could not load the {where}: {type(e).__name__}: {first_line}{hint}") from None
     column = "text" if builder == "text" else c["text_column"]
     if column not in ds.column_names:
         raise ValueError(f"the documents have no column {column!r} (columns: {ds.column_names}); set text_column")
-    return ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds.select_columns(["text"])
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, "text") if column != "text" else ds
 
 
 _worker_encoding = None

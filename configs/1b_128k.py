@@ -9,8 +9,9 @@
 #
 # Tokens per optimizer step: 8 micro-steps × 1 × 131,072 = 1,048,576 (~1M), whatever the number of GPUs: the 8
 # micro-steps are divided among them (8 GPUs: one each). More than 8 GPUs need at least one micro-step each, so raise
-# gradient_accumulation_steps to a multiple of their number (32 GPUs: 32, 4M tokens per step). The sequence-length warmup starts at 4K with 32 sequences
-# per micro-step and doubles the length (halving the sequences) in 6 equal stages up to 128K.
+# gradient_accumulation_steps to a multiple of their number (32 GPUs: 32, 4M tokens per step). The sequence-length
+# warmup starts at 4K with 32 sequences per micro-step and doubles the length (halving the sequences) in 6 equal
+# stages up to 128K.
 #
 # Memory budget per GPU at 128K (printed at start, model.memory_budget; bf16 activations, micro-batch 1 × 131,072):
 #   parameters + gradients + AdamW (fp32, 16 B/param)            16.0 GiB  (/ N with --fsdp=True on N GPUs)
