@@ -144,19 +144,26 @@ def prepare(c, num_proc=None, docs_per_task=64, log=print):
     dtype = np.uint16 if encoding.n_vocab <= 2 ** 16 else np.uint32
     tmp = os.path.join(out, f"tokens.bin.tmp{os.getpid()}")
     num_proc = num_proc or max(1, min(8, (os.cpu_count() or 1) - 1))
-    batches = (docs[i:i + docs_per_task]["text"] for i in range(0, len(docs), docs_per_task))
-    n_tasks, n_tokens, t0 = -(-len(docs) // docs_per_task), 0, time.time()
+    n_tasks, n_tokens, done, t0 = -(-len(docs) // docs_per_task), 0, 0, time.time()
     try:
         with open(tmp, "wb") as f:
             ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
             with ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoding,)) as pool:
-                for done, ids in enumerate(pool.imap(_tokenize, batches), 1):   # in order: the stream is deterministic
-                    f.write(np.asarray(ids, dtype=dtype).tobytes())
-                    n_tokens += len(ids)
-                    if done % 100 == 0 or done == n_tasks:
-                        rate = n_tokens / max(time.time() - t0, 1e-9)
-                        print(f"\rtokenizing {c['encoding']}: {done}/{n_tasks} batches of documents, {n_tokens:,} "
-                              f"tokens ({rate:,.0f}/s)", end="" if done < n_tasks else "\n", file=sys.stderr, flush=True)
+                # a few tasks per process at a time: Pool.imap would read the whole corpus into its queue at once
+                for first in range(0, n_tasks, 16 * num_proc):
+                    batches = [docs[i * docs_per_task:(i + 1) * docs_per_task]["text"]
+                               for i in range(first, min(first + 16 * num_proc, n_tasks))]
+                    for ids in pool.imap(_tokenize, batches):       # in order: the stream is deterministic
+                        f.write(np.asarray(ids, dtype=dtype).tobytes())
+                        n_tokens += len(ids)
+                        done += 1
+                        if done % 100 == 0 or done == n_tasks:
+                            rate = n_tokens / max(time.time() - t0, 1e-9)
+                            print(f"\rtokenizing {c['encoding']}: {done}/{n_tasks} batches of documents, "
+                                  f"{n_tokens:,} tokens ({rate:,.0f}/s)", end="" if done < n_tasks else "\n",
+                                  file=sys.stderr, flush=True)
+        if len(docs) == 0:
+            raise ValueError("the corpus has no documents")
         n_val = int(round(n_tokens * c["val_fraction"]))
         tokens = np.memmap(tmp, dtype=dtype, mode="r")
         val_tmp = os.path.join(out, f"val.bin.tmp{os.getpid()}")
@@ -167,12 +174,12 @@ def prepare(c, num_proc=None, docs_per_task=64, log=print):
         os.replace(val_tmp, os.path.join(out, "val.bin"))
         meta = {**key, "dtype": np.dtype(dtype).name, "n_vocab": encoding.n_vocab, "eot_token": encoding.eot_token,
                 "documents": len(docs), "train_tokens": n_tokens - n_val, "val_tokens": n_val}
-        with open(os.path.join(out, "meta.json.tmp"), "w") as f:
+        with open(os.path.join(out, f"meta.json.tmp{os.getpid()}"), "w") as f:
             json.dump(meta, f, indent=1)
-        os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))   # last: marks it finished
+        os.replace(os.path.join(out, f"meta.json.tmp{os.getpid()}"), os.path.join(out, "meta.json"))  # last: done
     finally:
-        for name in os.listdir(out):
-            if ".tmp" in name:
+        for name in os.listdir(out):                     # this process's leftovers only (another may be preparing)
+            if name.endswith(f".tmp{os.getpid()}"):
                 os.remove(os.path.join(out, name))
     log(f"prepared {out}: {len(docs):,} documents, {n_tokens - n_val:,} train + {n_val:,} val tokens")
     return out
