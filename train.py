@@ -468,8 +468,16 @@ def _train(c, dist):
             log(f"saved {ckpt_path}")
         dist.barrier()                                    # nobody reads it (a resume in the same process) too early
 
+    flops_at = {}                                          # training FLOPs per token, by sequence length
+
+    def step_flops(it):
+        T, B = lengths_at(it)
+        if T not in flops_at:
+            flops_at[T] = sum(flops_per_token(cfg, T).values())
+        return c["gradient_accumulation_steps"] * B * T * flops_at[T]
+
     losses, pending = [], []
-    t0, iters_timed, tokens_timed = time.time(), 0, 0
+    t0, iters_timed, tokens_timed, flops_timed = time.time(), 0, 0, 0
     with StopFlag() as stop:
         while iter_num < c["max_iters"]:
             lr = get_lr(iter_num, c)
@@ -496,21 +504,21 @@ def _train(c, dist):
             iter_num += 1
             iters_timed += 1
             tokens_timed += c["gradient_accumulation_steps"] * B * T
+            flops_timed += step_flops(iter_num - 1)
 
             last = iter_num == c["max_iters"]
             if iter_num % c["log_interval"] == 0 or last:
-                losses += [float(v) for v in pending]              # the only host sync of the loop
+                losses += [float(v) for v in pending]              # one host sync per log line (and the stop flag)
                 pending = []
-                dt = (time.time() - t0) / iters_timed              # seconds per iteration, evals excluded
-                tokens_per_s = tokens_timed / (time.time() - t0)
-                flops = sum(flops_per_token(cfg, T).values())
-                mfu = f"{100 * tokens_per_s * flops / (peak * dist.world):.1f}%" if peak and c["dtype"] == "bfloat16" \
-                    else "n/a"
+                elapsed = time.time() - t0                         # evaluations excluded
+                dt, tokens_per_s, flops_per_s = elapsed / iters_timed, tokens_timed / elapsed, flops_timed / elapsed
+                mfu = f"{100 * flops_per_s / (peak * dist.world):.1f}%" if peak and c["dtype"] == "bfloat16" else "n/a"
                 mem = f"{gib(torch.cuda.max_memory_allocated(dev))}" if device_type == "cuda" else "n/a"
-                eta = (c["max_iters"] - iter_num) * dt
+                # the steps left cost more per token as the length grows: estimate them by their FLOPs
+                eta = sum(step_flops(it) for it in range(iter_num, c["max_iters"])) / flops_per_s
                 log(f"iter {iter_num}: loss {losses[-1]:.4f}, lr {lr:.2e}, T {T}, {dt * 1000:.1f} ms/iter, "
                     f"{tokens_per_s:,.0f} tokens/s, MFU {mfu}, peak memory {mem}, ETA {eta / 60:.1f} min")
-                t0, iters_timed, tokens_timed = time.time(), 0, 0
+                t0, iters_timed, tokens_timed, flops_timed = time.time(), 0, 0, 0
             stopping = stop.set                                    # every rank must stop at the same step
             if dist.enabled:
                 stopping = bool(dist.all_reduce(torch.tensor([float(stop.set)], device=dev), op="max").item())
@@ -527,7 +535,7 @@ def _train(c, dist):
                             f"chance {100 * needle.chance_accuracy(cfg.vocab_size):.1f})")
                         log(needle.format_table(results, lengths, c["eval_needles"]))
                 checkpoint_now(iter_num)
-                t0, iters_timed, tokens_timed = time.time(), 0, 0
+                t0, iters_timed, tokens_timed, flops_timed = time.time(), 0, 0, 0
             if stopping and not last:
                 losses += [float(v) for v in pending]
                 log(f"interrupted at iter {iter_num}" + (f"; continue with --init_from=resume --out_dir={c['out_dir']}"
