@@ -208,3 +208,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(idx, targets)[1].backward()
     for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-12), name
+
+
+def test_precondition_op_matches_lucid_precondition_forward_and_backward():
+    from model import precondition_op
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 2, 37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(2, 2, 37, 16, generator=g, dtype=torch.float64)
+    expected = lucid.precondition(k, v, impl="naive")
+    dk, dv = torch.autograd.grad(expected, (k, v), dout)
+    out = precondition_op(k, v, "torch")
+    dk_op, dv_op = torch.autograd.grad(out, (k, v), dout)
+    for a, b in ((out, expected), (dk_op, dk), (dv_op, dv)):
+        assert (a - b).abs().max().item() < 1e-10
