@@ -386,6 +386,7 @@ def _train(c, dist):
         log(f"curriculum: length doubles from {c['curriculum_start']} to {cfg.block_size}"
             + (" (micro-batch grows as the length shrinks; tokens per step constant)" if c["dataset"] == "text" else ""))
     if dry_run:
+        log("dry run (device=meta): nothing was allocated, read or trained")
         return []
 
     model.to(dev)
