@@ -49,9 +49,11 @@ def load_encoding(name):
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:
-        raise ValueError(f"could not load the tiktoken encoding {name!r} ({type(e).__name__}): tiktoken downloads its "
-                         "file once and caches it; offline, copy the cached file into a directory and point "
-                         "TIKTOKEN_CACHE_DIR at it, or use encoding='bytes'") from None
+        raise ValueError(f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: offline, or its file is "
+                         "not cached): tiktoken downloads it once into $TIKTOKEN_CACHE_DIR (default "
+                         "<tmp>/data-gym-cache, files named by the sha1 of their URL); offline, copy that folder from a "
+                         "machine that loaded the encoding and set TIKTOKEN_CACHE_DIR to it, or use encoding='bytes'"
+                         ) from None
 
 
 # -----------------------------------------------------------------------------
