@@ -133,6 +133,9 @@ def prepare(c, num_proc=None, docs_per_task=64, log=print):
     Tokenize the corpus named by settings c (train.py's) once; returns the directory holding train.bin, val.bin and
     meta.json. Skipped when they exist. Several processes tokenize; the files appear only when complete.
     """
+    if c["data_files"] and c["hf_dataset"]:
+        raise ValueError(f"both data_files ({c['data_files']!r}) and hf_dataset ({c['hf_dataset']!r}) are set; "
+                         "clear one (e.g. --data_files= to read the Hub dataset)")
     encoding = load_encoding(c["encoding"])
     files, builder = local_files(c["data_files"]) if c["data_files"] else ([], None)
     if not files and not c["hf_dataset"]:

@@ -102,6 +102,8 @@ def test_bad_input_gets_a_clear_error(tmp_path, monkeypatch):
     files = write_corpus(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         data.prepare(settings(tmp_path, [tmp_path / "missing.txt"]))
+    with pytest.raises(ValueError, match="both data_files .* and hf_dataset"):
+        data.prepare(settings(tmp_path, files, hf_dataset="some/dataset"))
     with pytest.raises(ValueError, match="unknown tiktoken encoding 'gpt9'"):
         data.prepare(settings(tmp_path, files, encoding="gpt9"))
     import datasets
