@@ -24,7 +24,8 @@
 # that keeps long-range retrieval working as 0.0424 · L^1.628, i.e. ≈ 9.1e6 for L = 131,072; we round up.
 out_dir = "out-1b-128k"
 dataset = "text"
-hf_dataset = "deepmind/pg19"     # long documents (books); any script-free Hub id with a "text" column works
+hf_dataset = "emozilla/pg19"     # PG-19 books (long documents) as parquet: deepmind/pg19 is a loading script,
+                                 # which datasets no longer runs; any script-free Hub id with a text column works
 hf_config = ""
 hf_split = "train"
 encoding = "gpt2"
