@@ -124,6 +124,9 @@ def test_text_resume_continues_exactly(tmp_path, capsys):
     assert "resumed from iter 10" in out
     val = [line for line in out.splitlines() if line.startswith("iter 20: val loss")]
     assert len(val) == 2 and val[0] == val[1]               # the resumed run's validation loss is the straight run's
+    assert "warning" not in out
+    train.train(text_settings(tmp_path / "b", init_from="resume", max_iters=22, learning_rate=3e-3))
+    assert "warning: learning_rate changed from 0.001 to 0.003 on resume" in capsys.readouterr().out
 
 
 DRIVER = """
