@@ -402,7 +402,8 @@ def _train(c, dist):
     if c["compile"]:
         # one static graph per (micro-batch, length) of the curriculum, train and eval: raise the recompile limit
         n_shapes = 2 * (int(math.log2(cfg.block_size // start_len)) + 1) + 4
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_shapes)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.6
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), n_shapes))
         core = torch.compile(model, dynamic=False)
     if dist.enabled and not c["fsdp"]:
         from torch.nn.parallel import DistributedDataParallel
