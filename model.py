@@ -32,6 +32,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     token_shift: bool = False   # add a learned map of the previous token's embedding (binds a value to its key)
     lucid_impl: str = "auto"    # "auto" | "torch" | "triton" | "naive", see lucid.precondition
+    activation_checkpointing: bool = False  # training keeps only each block's input; the backward recomputes the block
 
     def __post_init__(self):
         if self.attn not in ("softmax", "lucid"):
@@ -159,6 +160,50 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+@torch.library.custom_op("lucid_gpt::precondition", mutates_args=())
+def precondition_op(k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
+    """
+    lucid.precondition as one opaque operator for torch.compile: the graph calls it without tracing into it (its
+    blocked loops or the Triton kernel's launch would otherwise be unrolled, one copy per length), and without a graph
+    break, so activation checkpointing of a block and the rest of the model still compile into one graph.
+    """
+    return lucid.precondition(k, v, impl=impl)
+
+
+@torch.library.custom_op("lucid_gpt::precondition_backward", mutates_args=())
+def precondition_backward_op(k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
+                             impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv of precondition_op: the solve runs again under autograd (its analytic backward needs its own saved
+    tensors), so a compiled LUCID block pays one extra forward solve, about 1/8 of the attention's FLOPs at 32/4 heads."""
+    with torch.enable_grad():
+        k, v = k.detach().requires_grad_(), v.detach().requires_grad_()
+        dk, dv = torch.autograd.grad(lucid.precondition(k, v, impl=impl), (k, v), grad)
+    return dk, dv
+
+
+@precondition_op.register_fake
+def _(k, v, impl):
+    return torch.empty_like(v)
+
+
+@precondition_backward_op.register_fake
+def _(k, v, grad, impl):
+    return torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_precondition(ctx, inputs, output):
+    k, v, ctx.impl = inputs
+    ctx.save_for_backward(k, v)
+
+
+def _precondition_grad(ctx, grad):
+    k, v = ctx.saved_tensors
+    return *precondition_backward_op(k, v, grad.contiguous(), ctx.impl), None
+
+
+precondition_op.register_autograd(_precondition_grad, setup_context=_setup_precondition)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer):
@@ -179,7 +224,10 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             if self.attn == "lucid":  # the switch: precondition the values, V' = L⁻¹V
-                v = lucid.precondition(k, v, impl=self.lucid_impl)
+                if torch.compiler.is_compiling():    # one opaque operator in the graph (see precondition_op)
+                    v = precondition_op(k, v, self.lucid_impl)
+                else:
+                    v = lucid.precondition(k, v, impl=self.lucid_impl)
             y = causal_attention(q, k, v)                                                        # (B, H, T, D)
         else:
             y = self.forward_cached(q, k, v, cache)
@@ -247,20 +295,19 @@ def cross_entropy_chunked(h, weight, targets, chunk_rows=8192):
     """
     Mean cross-entropy of logits h @ weightᵀ over positions whose target is not -100, without ever holding more
     than chunk_rows × vocab logits: each chunk's logits are recomputed in the backward (checkpoint).
-    h: (B, T, C), weight: (V, C), targets: (B, T).
+    h: (B, T, C), weight: (V, C), targets: (B, T). All shapes are fixed by (B, T): no boolean indexing, so
+    torch.compile traces it without a graph break; ignored positions add 0 to the sum.
     """
-    keep = targets != -100
-    h, targets = h[keep], targets[keep]                                                       # (N, C), (N,)
-    if targets.numel() == 0:
-        return h.sum() * 0.0
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)                              # (B·T, C), (B·T,)
 
     def chunk_loss(h_chunk, t_chunk):
         logits = h_chunk @ weight.t()                                                         # (rows, V)
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), t_chunk, reduction="sum")
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), t_chunk,
+                               ignore_index=-100, reduction="sum")
 
     total = sum(checkpoint(chunk_loss, h[i:i + chunk_rows], targets[i:i + chunk_rows], use_reentrant=False)
                 for i in range(0, len(targets), chunk_rows))
-    return total / len(targets)
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 class GPT(nn.Module):
@@ -317,8 +364,9 @@ class GPT(nn.Module):
             rope = cos[:, None], sin[:, None]                                              # (B or 1, 1, T, D/2)
         elif self.config.pos == "rope":
             rope = rope_angles(start, T, head_dim, self.config.rope_theta, idx.device)
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope, cache)
         if cache is not None:
             cache.len += T
             cache.last_token = idx[:, -1]
@@ -468,6 +516,56 @@ class GPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+def flops_per_token(config, T):
+    """
+    Training FLOPs (forward + backward = 3 × forward) per token at sequence length T, split three ways:
+      dense      6 × the parameters of every matmul (attention projections, MLP, token shift, the tied lm_head);
+      attention  q·kᵀ and a·v over the causal half of the T×T square: 2·H·D·T per token and layer forward (the full
+                 square, as nanoGPT, nanochat and torchtitan count it, would overstate long-context MFU about 2×);
+      lucid      the solve V' = L⁻¹V: E = exp(k̂k̂ᵀ) and the substitution, each half a T×T square per KV head, so
+                 2·Hkv·D·T forward (Hkv/H of the attention's), counted forward + backward like the rest.
+    The recomputation of activation checkpointing is not counted (model FLOPs, not hardware FLOPs).
+    """
+    C, L, H, Hkv = config.n_embd, config.n_layer, config.n_head, config.n_kv_head
+    D = C // H
+    per_layer = 2 * C * C + 2 * C * Hkv * D + 3 * C * config.mlp_hidden        # c_q + c_proj, c_kv, SwiGLU
+    matmul_params = L * per_layer + (C * C if config.token_shift else 0) + config.vocab_size * C
+    return {"dense": 6 * matmul_params,
+            "attention": L * 3 * 2 * H * D * T,
+            "lucid": L * 3 * 2 * Hkv * D * T if config.attn == "lucid" else 0}
+
+
+def memory_budget(config, batch_size, T, act_bytes=2, shards=1, chunk_rows=8192):
+    """
+    Estimated peak training memory in bytes on one device, for micro-batches of batch_size × T tokens:
+      params_optimizer  fp32 weights, gradients and AdamW's two moments, 16 bytes per parameter (/ shards with FSDP);
+      activations       with activation checkpointing each block's input (B·T·C); without, every block's saved
+                        tensors;
+      recompute         one block's saved tensors while its backward runs (activation checkpointing only): per token
+                        act_bytes·(6·C + 3·Hkv·D + 3·mlp_hidden) (norm outputs, q, k, v, rotated q and k, attention
+                        output, the residual, the MLP's two halves and product) + 4·H (fp32 softmax statistics), and
+                        for LUCID 4·(3·Hkv·D + Hkv) (the fp32 solve's k̂, v, V' and rstd);
+      logits            one chunk of the chunked loss: rows × vocab × (act_bytes + 4 + 4), the logits, their fp32 copy
+                        and its gradient.
+    """
+    C, L, H, Hkv = config.n_embd, config.n_layer, config.n_head, config.n_kv_head
+    D = C // H
+    n_params = L * (2 * C * C + 2 * C * Hkv * D + 3 * C * config.mlp_hidden + 2 * C) + C \
+        + (C * C if config.token_shift else 0) + config.vocab_size * C
+    tokens = batch_size * T
+    block = act_bytes * (6 * C + 3 * Hkv * D + 3 * config.mlp_hidden) + 4 * H
+    if config.attn == "lucid":
+        block += 4 * (3 * Hkv * D + Hkv)
+    if config.activation_checkpointing:
+        activations, recompute = L * tokens * C * act_bytes, tokens * block
+    else:
+        activations, recompute = L * tokens * (block + C * act_bytes), 0
+    budget = {"params_optimizer": 16 * n_params // shards, "activations": activations, "recompute": recompute,
+              "logits": min(chunk_rows, tokens) * config.vocab_size * (act_bytes + 4 + 4)}
+    budget["total"] = sum(budget.values())
+    return budget
 
 
 def load_checkpoint(path, device="cpu"):

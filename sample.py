@@ -1,8 +1,12 @@
 """
-Load a checkpoint written by train.py and generate with the KV cache. For a needle-trained model it shows held-out
-prompts, the model's greedy answer and the gold answer.
+Load a checkpoint written by train.py and generate with the KV cache. For a text model it continues a prompt and
+decodes with the checkpoint's tiktoken encoding; for a needle-trained model it shows held-out prompts, the model's
+greedy answer and the gold answer.
 
+    python sample.py --ckpt out-text-small/ckpt.pt --start "LUCID attention" --num_samples 2 --max_new_tokens 200
+    python sample.py --ckpt out-text-small/ckpt.pt --start FILE:prompt.txt --temperature 0.7 --top_k 50
     python sample.py --ckpt out-tiny/ckpt.pt --num_samples 3 --length 256 --needles 4
+    python sample.py --ckpt out-tiny/ckpt.pt --attn softmax        # the same weights with the other attention
 """
 
 import argparse
@@ -107,25 +111,26 @@ def bench_decode(device="cuda"):
         torch.cuda.empty_cache()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate from a trained checkpoint.")
-    parser.add_argument("--ckpt", default="out-tiny/ckpt.pt")
-    parser.add_argument("--num_samples", type=int, default=3)
-    parser.add_argument("--length", type=int, default=0, help="sequence length of the needle prompt (0 = training length)")
-    parser.add_argument("--needles", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bench", action="store_true", help="decode latency, softmax vs LUCID (GPU only)")
-    args = parser.parse_args(argv)
-    if args.needles < 1:
-        parser.exit(2, f"sample.py: error: --needles must be at least 1, got {args.needles}\n")
-    if args.bench:
-        return bench_decode(args.device)
+def sample_text(model, info, args):
+    """num_samples continuations of the --start prompt, decoded with the encoding the model was trained with."""
+    import data
+    encoding = data.load_encoding(info["config"]["encoding"])
+    start = args.start
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    ids = encoding.encode(start, allowed_special="all") if start else [encoding.eot_token]
+    prompt = torch.tensor(ids, dtype=torch.long, device=args.device)[None].repeat(args.num_samples, 1)
+    torch.manual_seed(args.seed)
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
+    for i, row in enumerate(out[:, len(ids):].tolist()):
+        # ids of the padded vocabulary beyond the encoding's own have no text: skipped
+        print(f"--- sample {i}\n{start}{encoding.decode([t for t in row if t < encoding.n_vocab])}")
 
-    model, info = load_model(args.ckpt, args.device)
+
+def sample_needles(model, args):
+    """Held-out needle prompts, the model's greedy answer and the gold answer."""
     cfg = model.config
-    print(f"{args.ckpt}: {cfg.attn} attention, {model.num_params() / 1e6:.2f}M parameters, trained to iter "
-          f"{info['iter_num']}")
     length = args.length or cfg.block_size
     layout = needle.vocab_layout(cfg.vocab_size)
     print(f"vocabulary: filler {layout['filler']}, keys {layout['keys']}, values {layout['values']}, query marker "
@@ -145,6 +150,47 @@ def main(argv=None):
         print(f"  prompt: {show(prompt[0].tolist())}")
         print(f"  model: {answer}   gold: {gold}   {'correct' if answer == gold else 'wrong'}")
     print(f"\n{correct}/{args.num_samples} correct")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate from a trained checkpoint.")
+    parser.add_argument("--ckpt", default="out-tiny/ckpt.pt")
+    parser.add_argument("--attn", choices=["softmax", "lucid"], help="run the checkpoint with this attention")
+    parser.add_argument("--num_samples", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    text = parser.add_argument_group("text models")
+    text.add_argument("--start", default="", help='the prompt, or FILE:path to read it from (default: end-of-text)')
+    text.add_argument("--max_new_tokens", type=int, default=200)
+    text.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    text.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens; 0 = all")
+    needles = parser.add_argument_group("needle models")
+    needles.add_argument("--length", type=int, default=0, help="needle prompt length (0 = training length)")
+    needles.add_argument("--needles", type=int, default=4)
+    parser.add_argument("--bench", action="store_true", help="decode latency, softmax vs LUCID (GPU only)")
+    args = parser.parse_args(argv)
+    if args.bench:
+        return bench_decode(args.device)
+
+    def fail(message):                                  # one line, not argparse's usage block
+        parser.exit(2, f"sample.py: error: {message}\n")
+    for name in ("num_samples", "max_new_tokens", "needles"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.temperature < 0 or args.top_k < 0:
+        fail("--temperature and --top_k must not be negative")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device={args.device} but CUDA is not available; use --device=cpu")
+    try:
+        model, info = load_model(args.ckpt, args.device, attn=args.attn)
+    except ValueError as e:
+        parser.exit(1, f"sample.py: {e}\n")
+    cfg = model.config
+    print(f"{args.ckpt}: {cfg.attn} attention, {model.num_params() / 1e6:.2f}M parameters, trained to iter "
+          f"{info['iter_num']}")
+    if info.get("config", {}).get("dataset") == "text":
+        return sample_text(model, info, args)
+    return sample_needles(model, args)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,4 @@ eval_interval = 500
 eval_lengths = [128, 512]        # 512: four times the training length
 eval_needles = [1, 4, 16]
 eval_samples = 100
+cpu_threads = 1         # a model this small gains nothing from more threads, and loses a lot on a busy machine

@@ -149,3 +149,76 @@ def test_model_with_kernel_matches_torch_path_on_gpu():
     (loss_k, grad_k), (loss_t, grad_t) = results
     assert abs(loss_k - loss_t) < 1e-2 * abs(loss_t)
     assert ((grad_k - grad_t).norm() / grad_t.norm()).item() < 5e-2
+
+
+# -----------------------------------------------------------------------------
+# FLOPs and memory accounting (what train.py prints at start)
+
+def test_flops_per_token_hand_computed_and_dense_part_counted_by_torch():
+    from torch.utils.flop_counter import FlopCounterMode
+    from model import flops_per_token
+    # 2 layers, d = 64, 4 query / 2 KV heads of 16, SwiGLU 192, vocab 97, token shift, T = 128
+    cfg = tiny_config(block_size=128, mlp_hidden=192, attn="lucid")
+    f = flops_per_token(cfg, 128)
+    # dense: 6 x (per layer: c_q 64·64 + c_kv 64·64 + c_proj 64·64 + SwiGLU 3·64·192 = 49152; x 2 layers; shift 64·64;
+    # lm_head 97·64)
+    assert f["dense"] == 6 * (2 * 49152 + 4096 + 6208)
+    # attention: per token, layer and head: q·k and a·v over the causal half (64 of 128 keys), 16 dims, 2 FLOPs each
+    assert f["attention"] == 3 * 2 * 4 * (2 * 64 * 16 * 2)                # x3 forward + backward, x2 layers, x4 heads
+    # LUCID solve: per KV head E = exp(k̂·k̂) and the substitution, each over the same causal half
+    assert f["lucid"] == 3 * 2 * 2 * (2 * 64 * 16 * 2)
+    assert flops_per_token(tiny_config(block_size=128, mlp_hidden=192, attn="softmax"), 128)["lucid"] == 0
+    # torch's own count of the matmuls of one forward + backward = dense + the loss chunk's recomputed logits
+    model = GPT(tiny_config(block_size=128, mlp_hidden=192, attn="softmax", pos="none"))
+    x = torch.randint(0, 97, (2, 128), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    counted = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+    assert counted == 2 * 128 * (f["dense"] + 2 * 97 * 64)
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["checkpointed", "plain"])
+def test_memory_budget_hand_computed(recompute):
+    from model import memory_budget
+    cfg = tiny_config(block_size=128, mlp_hidden=192, attn="lucid", activation_checkpointing=recompute)
+    b = memory_budget(cfg, batch_size=2, T=128, act_bytes=4)
+    n_params = sum(p.numel() for p in GPT(cfg).parameters())
+    assert b["params_optimizer"] == 16 * n_params
+    assert memory_budget(cfg, 2, 128, act_bytes=4, shards=4)["params_optimizer"] == 4 * n_params
+    # one block, per token: 4 bytes x (6·64 + 3·2·16 + 3·192) + fp32 softmax statistics 4·4 + the fp32 solve 4·(3·32 + 2)
+    block = 4 * (384 + 96 + 576) + 16 + 392
+    tokens = 2 * 128
+    if recompute:
+        assert b["activations"] == 2 * tokens * 64 * 4 and b["recompute"] == tokens * block
+    else:
+        assert b["activations"] == 2 * tokens * (block + 64 * 4) and b["recompute"] == 0
+    assert b["logits"] == tokens * 97 * (4 + 4 + 4)                     # fewer rows than one 8192-row chunk
+    assert b["total"] == b["params_optimizer"] + b["activations"] + b["recompute"] + b["logits"]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = GPT(tiny_config()).double()
+    recomputed = GPT(tiny_config(activation_checkpointing=True)).double()
+    recomputed.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(1))
+    targets = idx.clone()
+    targets[0, :5] = -100                                                 # ignored positions
+    for model in (plain, recomputed):
+        model(idx, targets)[1].backward()
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-12), name
+
+
+def test_precondition_op_matches_lucid_precondition_forward_and_backward():
+    from model import precondition_op
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 2, 37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(2, 2, 37, 16, generator=g, dtype=torch.float64)
+    expected = lucid.precondition(k, v, impl="naive")
+    dk, dv = torch.autograd.grad(expected, (k, v), dout)
+    out = precondition_op(k, v, "torch")
+    dk_op, dv_op = torch.autograd.grad(out, (k, v), dout)
+    for a, b in ((out, expected), (dk_op, dk), (dv_op, dv)):
+        assert (a - b).abs().max().item() < 1e-10
