@@ -524,7 +524,7 @@ def flops_per_token(config, T):
       dense      6 × the parameters of every matmul (attention projections, MLP, token shift, the tied lm_head);
       attention  q·kᵀ and a·v over the causal half of the T×T square: 2·H·D·T per token and layer forward (the full
                  square, as nanoGPT, nanochat and torchtitan count it, would overstate long-context MFU about 2×);
-      lucid      the solve V' = L⁻¹V: E = exp(k̂k̂ᵀ) and the substitution, each half a T×T square per KV head, so
+      lucid      the solve V' = L⁻¹V: A = exp(s·k̂k̂ᵀ − √d) and the substitution, each half a T×T square per KV head, so
                  2·Hkv·D·T forward (Hkv/H of the attention's), counted forward + backward like the rest.
     The recomputation of activation checkpointing is not counted (model FLOPs, not hardware FLOPs).
     """
