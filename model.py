@@ -167,7 +167,7 @@ def precondition_op(k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor
     blocked loops or the Triton kernel's launch would otherwise be unrolled, one copy per length), and without a graph
     break, so activation checkpointing of a block and the rest of the model still compile into one graph.
     """
-    return lucid.precondition(k, v, impl=impl)
+    return lucid.precondition(k, v, impl=impl).contiguous()
 
 
 @torch.library.custom_op("lucid_gpt::precondition_backward", mutates_args=())
@@ -178,17 +178,20 @@ def precondition_backward_op(k: torch.Tensor, v: torch.Tensor, grad: torch.Tenso
     with torch.enable_grad():
         k, v = k.detach().requires_grad_(), v.detach().requires_grad_()
         dk, dv = torch.autograd.grad(lucid.precondition(k, v, impl=impl), (k, v), grad)
-    return dk, dv
+    return dk.contiguous(), dv.contiguous()
 
 
+# What the compiler assumes about the outputs: shapes, dtypes and a contiguous layout, which the real ops guarantee.
+# (empty_like would copy the input's strides, and inductor may lay out k and v head-interleaved: the real gradients
+# would then not match the promised strides.)
 @precondition_op.register_fake
 def _(k, v, impl):
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)
 
 
 @precondition_backward_op.register_fake
 def _(k, v, grad, impl):
-    return torch.empty_like(k), torch.empty_like(v)
+    return k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_precondition(ctx, inputs, output):

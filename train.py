@@ -17,6 +17,7 @@ logs, evaluates and writes. gradient_accumulation_steps counts micro-steps of th
 """
 
 import ast
+import datetime
 import atexit
 import math
 import os
@@ -101,7 +102,7 @@ SCHEDULE_KEYS = ["learning_rate", "min_lr", "warmup_iters", "schedule_iters", "c
                  "batch_size", "gradient_accumulation_steps", "seed", "dataset", "data_files", "hf_dataset", "encoding"]
 # (GPU name substring, dense bf16 tensor-core peak FLOP/s without sparsity), first match wins
 PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("B200", 2250e12),
-              ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
+              ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12),
               ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 
@@ -234,7 +235,7 @@ def save(path, state):
     os.replace(path + ".tmp", path)
 
 
-def needle_eval(model, c, ctx, encoder=None):
+def needle_eval(model, c, ctx, encoder=None, log=print):
     """
     Accuracy {(length, needles): acc} on validation samples (seed domain 2: neither trained on nor the samples that
     needle.py reports) of the distractor-needle haystack, where copying without reading the key does not work;
@@ -243,14 +244,21 @@ def needle_eval(model, c, ctx, encoder=None):
     lengths = c["eval_lengths"] or [c["block_size"]]
     task = needle.TokenTask(model.config.vocab_size) if encoder is None else needle.TextTask(encoder)
     spec = needle.EvalSpec(samples=c["eval_samples"], domain=needle.VALID)
+    # the same precision as needle.py's bf16 evaluation (the scorer sets its own autocast, so ctx alone is not enough)
+    scorer = needle.ModelScorer(model, autocast_dtype=torch.bfloat16 if c.get("dtype") == "bfloat16" else None)
+    sharded = hasattr(model, "unshard")          # FSDP2: the scorer calls forward_hidden and lm_head directly, which
+    if sharded:                                  # bypasses the root module's hooks: gather its parameters around it
+        model.unshard()
     model.eval()
     with ctx:
-        records = [needle.run_cell(needle.ModelScorer(model), task, spec, L, n, device=c["device"])
+        records = [needle.run_cell(scorer, task, spec, L, n, device=c["device"])
                    for L in lengths for n in c["eval_needles"]]
     model.train()
+    if sharded:
+        model.reshard()
     copier = [r["copier"] for r in records if r["copier"] is not None]
-    print(f"needle validation ({task.describe['task']} task, {task.describe['haystack']} haystack): key-blind "
-          f"copier {100 * sum(copier) / max(1, len(copier)):.1f}% on the same samples, chance {100 * task.chance:.1f}%")
+    log(f"needle validation ({task.describe['task']} task, {task.describe['haystack']} haystack): key-blind "
+        f"copier {100 * sum(copier) / max(1, len(copier)):.1f}% on the same samples, chance {100 * task.chance:.1f}%")
     return {(r["length"], r["num_needles"]): r["acc"] for r in records}, lengths
 
 
@@ -274,7 +282,10 @@ class Distributed:
                 self.device = f"cuda:{self.local_rank}"
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():             # once per process: a second train() call reuses the group
-                dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
+                # the other ranks wait at a barrier while rank 0 alone tokenizes a corpus on first use or runs the
+                # needle evaluation (minutes at 128K): NCCL's default 10-minute timeout would kill the run
+                dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo",
+                                        timeout=datetime.timedelta(hours=2))
                 atexit.register(dist.destroy_process_group)
         self.master = self.rank == 0
 
@@ -536,7 +547,7 @@ def _train(c, dist):
                 if text is not None and c["eval_iters"] > 0:
                     log(f"iter {iter_num}: val loss {val_loss():.4f}")
                 if c["eval_samples"] > 0 and (dist.master or c["fsdp"]):
-                    results, lengths = needle_eval(raw_model, c, ctx, encoder)
+                    results, lengths = needle_eval(raw_model, c, ctx, encoder, log)
                     accs = [a for a in results.values() if a is not None]
                     log(f"eval at iter {iter_num}: mean needle accuracy {100 * sum(accs) / max(1, len(accs)):.1f}%")
                     if last:
