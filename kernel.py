@@ -1070,10 +1070,16 @@ def _bench():
 
 
 if __name__ == "__main__":
-    import sys
-    if "--report" in sys.argv:
+    import argparse
+    parser = argparse.ArgumentParser(description="The LUCID solve kernel: benchmark against SDPA (GPU), or report "
+                                                 "what the compiler makes of it (any machine).")
+    parser.add_argument("--report", action="store_true", help="compile every kernel for sm_90 and sm_80 ahead of time "
+                        "and print registers, spills, shared memory, MMA kind, fences and atomics (no GPU needed)")
+    args = parser.parse_args()
+    if args.report:
         if triton is None or _interpreting():
-            sys.exit("kernel.py --report: needs triton, and TRITON_INTERPRET unset (the compiler, not the interpreter)")
+            parser.exit(1, "kernel.py --report: needs triton, and TRITON_INTERPRET unset (the compiler, not the "
+                           "interpreter)\n")
         report()
     else:
         _bench()
