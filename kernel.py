@@ -596,6 +596,7 @@ class _Precondition(torch.autograd.Function):
         return vp
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # the backward is not itself differentiable: refuse, not ignore
     def backward(ctx, g):
         k, vc = ctx.saved_tensors
         dk, dv, _ = _backward(k, vc, g, ctx.eps, ctx.BM)
@@ -647,6 +648,8 @@ def decode_supports(q, k_cache):
     allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if _interpreting() else ())
     if q.dtype not in allowed or k_cache.dtype not in allowed:
         return f"dtypes {q.dtype}, {k_cache.dtype} (supported: fp16, bf16, fp32)"
+    if k_cache.stride(-1) != 1:
+        return "the key cache is not contiguous in its last dimension"
     return None
 
 
@@ -780,8 +783,9 @@ def decode_step(q, k, v, k_cache, vp_cache, rstd_cache, length, start=None, eps=
         start = torch.zeros(B, dtype=torch.int32, device=q.device)
     start = start.to(device=q.device, dtype=torch.int32)
     length_ptr = length if on_device else start                             # a placeholder when length is an int
-    q3, kt, vt = q[:, :, 0], k[:, :, 0], v[:, :, 0]                       # (B, H, D), (B, Hkv, D)
-    for name, x in (("q", q3), ("k", kt), ("v", vt), ("k_cache", k_cache), ("vp_cache", vp_cache)):
+    # (B, H, D), (B, Hkv, D): one token, so a copy into the layout the kernel reads costs nothing
+    q3, kt, vt = (x[:, :, 0] if x.stride(-1) == 1 else x[:, :, 0].contiguous() for x in (q, k, v))
+    for name, x in (("k_cache", k_cache), ("vp_cache", vp_cache)):             # written in place: never copied
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
     rc = rstd_cache if lucid_solve else k_cache                             # unused without the solve

@@ -183,6 +183,7 @@ class BlockedPrecondition(torch.autograd.Function):
         return vp.to(v.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # a second derivative would silently miss terms: refuse it
     def backward(ctx, g):
         kh, rstd, vp = ctx.saved_tensors
         with torch.autocast(device_type=kh.device.type, enabled=False):

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-NEEDLE_VERSION = 2          # bump when the samples drawn for existing arguments change
+NEEDLE_VERSION = 3          # bump when the samples drawn for existing arguments change
 PAD, QUERY, N_RESERVED = 0, 1, 8
 TRAIN, EVAL, VALID = 0, 1, 2    # seed domains: training batches, needle.py's command line, train.py's validation
 IGNORE = -100               # target of positions that are not scored
@@ -295,7 +295,10 @@ class TextTask:
         if depth is not None:                       # the first queried needle at the boundary nearest depth
             bounds[asked[0]] = int(round(depth / 100 * len(sentences)))
         pieces = [(ids, value, None) for ids, value in sentences]
-        for j in sorted(range(n_needles), key=lambda j: (bounds[j], j != asked[0], j), reverse=True):
+        # needles sharing a boundary keep their random order, except that a pinned needle comes first (a fixed place
+        # for the asked one would let a copier find it)
+        pinned_first = (lambda j: (bounds[j], j != asked[0], j)) if depth is not None else (lambda j: (bounds[j], j))
+        for j in sorted(range(n_needles), key=pinned_first, reverse=True):
             pieces.insert(bounds[j], (needles[j], values[j], j))           # needle j before sentence bounds[j]
         spans, shown, row = [], [], {}
         for ids, value, j in pieces:
@@ -656,15 +659,16 @@ def show_sample(path, models, names, sample, device="cpu"):
         raise ValueError("--show needs matplotlib (pip install matplotlib)")
     idx, rows = torch.from_numpy(sample.tokens)[None].to(device), []
     query, (lo, hi) = int(sample.answers[0][0]), sample.spans[sample.asked[0]]
+    value = int(hi) - 1 if hi - lo == 2 else int(hi) - 2     # the value's (last) token: a text needle ends with "."
     for model, name in zip(models, names):
         probs, inv = attention_probe(model, idx, torch.tensor([[query]], device=device),
-                                     torch.tensor([[int(hi) - 1]], device=device))
+                                     torch.tensor([[value]], device=device))
         ok = score_samples(ModelScorer(model), [sample], device)[0][0]
         rows.append((f"{name} ({model.config.attn}, answer {'right' if ok else 'wrong'}): attention of position "
                      f"{query}", [p[0, :, 0] for p in probs], None))
         if inv:
             g = model.config.n_head // model.config.n_kv_head
-            rows.append((f"{name}: row {int(hi) - 1} of L⁻¹ (V' at the needle's value = Σ L⁻¹·V)",
+            rows.append((f"{name}: row {value} of L⁻¹ (V' at the needle's value = Σ L⁻¹·V)",
                          [i[0, :, 0].repeat_interleave(g, 0) for i in inv], (max(0, lo - 64), hi + 2)))
     layers, heads = len(rows[0][1]), rows[0][1][0].shape[0]
     fig, axes = plt.subplots(layers * heads, len(rows), figsize=(6 * len(rows), 1.7 * layers * heads + 1.2),
@@ -787,8 +791,9 @@ def main(argv=None):
           f"per cell, {' vs '.join(m['attention'] for m in metas)}, {args.device} {dtype}"
           + ("; Δ = first − second per sample (right iff all its values are), 95% bootstrap CI, McNemar p"
              if args.vs else ""))
-    doc = run_grid(scorers, task, spec, args.lengths, args.needles, args.out, [m["id"] for m in metas], meta, budget,
-                   args.device, args.probe)
+    ids = [f"{m['id']}:{dtype}" for m in metas]          # a cell scored in bf16 is not reused for float32
+    doc = run_grid(scorers, task, spec, args.lengths, args.needles, args.out, ids, meta, budget, args.device,
+                   args.probe)
     results = {(c["length"], c["num_needles"]): c for c in doc["cells"]}
     tables = [("key-blind copier (ignores the key, copies the first needle-like values it saw)", "copier", None)]
     second = (lambda c: c["vs"]["acc"], lambda c: c["vs"]["probe"]["hit"])

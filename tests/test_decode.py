@@ -245,6 +245,19 @@ def test_decode_kernel_low_precision():
 # fallback and bad input
 
 
+def test_strided_new_token_runs_the_kernel():
+    """q, k, v of the new token may be views (e.g. every other channel): the kernel copies one token, never raises."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 4, 1, 64, generator=gen)[..., ::2] for _ in range(3))    # (1, 4, 1, 32), stride 2
+    k, v = k[:, :2], v[:, :2]
+    kc, vc = torch.randn(1, 2, 9, 32, generator=gen), torch.randn(1, 2, 9, 32, generator=gen)
+    rc = torch.rand(1, 2, 9, 1, generator=gen) + 0.5
+    ref = lucid.decode_step(q, k, v, kc.clone(), vc.clone(), rc.clone(), 7, impl="torch")
+    out = lucid.decode_step(q, k, v, kc.clone(), vc.clone(), rc.clone(), 7, impl="triton")
+    for a, b in zip(ref, out):
+        assert_close("strided decode", a, b, TOL[torch.float32])
+
+
 def test_unsupported_head_size_falls_back_with_one_warning():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 1, 24, generator=gen) for _ in range(3))

@@ -168,6 +168,13 @@ def test_autograd_path_equals_the_chains():
     assert torch.equal(vp, vp2) and torch.equal(dk, dk2) and torch.equal(dv, dv2)
 
 
+def test_second_derivative_is_refused_not_wrong():
+    k, v = (torch.randn(1, 1, 20, 16, device=DEV, requires_grad=True) for _ in range(2))
+    (dk,) = torch.autograd.grad(kernel.precondition(k, v, block_size=16).square().sum(), k, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dk.square().sum().backward()
+
+
 def test_identical_keys_give_first_difference():
     # with identical keys L is all ones below the diagonal, so v'_i = v_i − v_{i−1}
     k, v, _ = make_inputs("identical", 1, 1, 70, 16, torch.float32, DEV)

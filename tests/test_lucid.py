@@ -146,6 +146,14 @@ def test_gradcheck(kind):
     assert torch.autograd.gradcheck(lambda k, v: lucid.precondition(k, v, impl="torch", block_size=3), (k, v))
 
 
+def test_second_derivative_is_refused_not_wrong():
+    """The analytic backward is not itself differentiable: create_graph=True must raise, not drop terms."""
+    k, v = (torch.randn(1, 1, 6, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    (dk,) = torch.autograd.grad(lucid.precondition(k, v, impl="torch").square().sum(), k, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dk.square().sum().backward()
+
+
 def test_lucid_attention_backward_gqa():
     B, H, Hkv, T, D = 1, 4, 2, 33, 16
     q0 = torch.randn(B, H, T, D, dtype=torch.float64)

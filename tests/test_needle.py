@@ -730,3 +730,12 @@ def test_sample_py_rejects_zero_needles(ckpt, capsys):
         sample.main(["--ckpt", ckpt, "--needles", "0"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--needles must be at least 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_text_copier_has_no_shortcut_when_needles_share_a_boundary(enc):
+    """At short lengths several needles often fall between the same two sentences; the asked one must not always be
+    the first of them (a key-blind copier then scored 100% with 4 needles)."""
+    task = needle.TextTask(enc, "essay")
+    hits = [task.sample(needle.sample_rng(0, needle.EVAL, "copier", 256, 4, i), 256, 4, 1).copier[0]
+            for i in range(200)]
+    assert 0.1 < np.mean(hits) < 0.45, np.mean(hits)         # about 1/4: the asked needle is any of the four
