@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -153,12 +154,16 @@ def prepare(c, num_proc=None, docs_per_task=64, log=print):
     try:
         with open(tmp, "wb") as f:
             ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-            with ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoding,)) as pool:
+            # one batch of documents is tokenized here: no worker processes to start (and no fork of a process that
+            # may already run threads, e.g. a process group's)
+            with ctx.Pool(num_proc, _init_worker, (encoding,)) if n_tasks > 1 else nullcontext() as pool:
+                if pool is None:
+                    _init_worker(encoding)
                 # a few tasks per process at a time: Pool.imap would read the whole corpus into its queue at once
                 for first in range(0, n_tasks, 16 * num_proc):
                     batches = [docs[i * docs_per_task:(i + 1) * docs_per_task]["text"]
                                for i in range(first, min(first + 16 * num_proc, n_tasks))]
-                    for ids in pool.imap(_tokenize, batches):       # in order: the stream is deterministic
+                    for ids in (pool.imap if pool else map)(_tokenize, batches):   # in order: a deterministic stream
                         f.write(np.asarray(ids, dtype=dtype).tobytes())
                         n_tokens += len(ids)
                         done += 1

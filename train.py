@@ -286,7 +286,8 @@ class Distributed:
                 # needle evaluation (minutes at 128K): NCCL's default 10-minute timeout would kill the run
                 dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo",
                                         timeout=datetime.timedelta(hours=2))
-                atexit.register(dist.destroy_process_group)
+                # an exit without shutdown_distributed() (an error, Ctrl-C) still destroys the group while Python lives
+                atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         self.master = self.rank == 0
 
     def all_reduce(self, tensor, op="sum"):
@@ -576,9 +577,22 @@ def load_settings(argv):
     return settings
 
 
+def shutdown_distributed():
+    """End of a torchrun process: every rank leaves together and the process group is destroyed while the interpreter
+    is fully alive (gloo's worker threads may still hold tensors; tearing them down during interpreter shutdown, or
+    while the other rank still talks, can abort the process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        import gc
+        gc.collect()                                      # the DDP / FSDP wrappers of finished runs, and their buffers
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     try:
         train(load_settings(sys.argv[1:]))
+        shutdown_distributed()
     except ValueError as e:                               # ordinary mistakes: one line, no traceback
         sys.exit(f"train.py: {e}")
     except KeyboardInterrupt:

@@ -151,6 +151,7 @@ sharded = dict(c, fsdp=True, out_dir=c["out_dir"] + "-fsdp", eval_iters=0, eval_
                eval_needles=[1])
 train.train(dict(sharded, max_iters=10))
 train.train(dict(sharded, init_from="resume"))
+train.shutdown_distributed()                               # as train.py's main ends
 print(f"rank {{os.environ['RANK']}} wrote {{written}}", flush=True)
 """
 
