@@ -165,7 +165,7 @@ def test_torchrun_ddp_and_fsdp_equal_one_process_and_rank_1_writes_nothing(tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + "\n--- stderr\n" + result.stderr[-3000:]
     assert "rank 1 wrote []" in result.stdout, result.stdout[-2000:]
     assert "device: cpu x 2 float32 | DDP" in result.stdout and "resumed from iter 10" in result.stdout
     assert result.stdout.count("needle validation (text task") == 2    # FSDP: rank 0 alone logs, at iters 10 and 20
