@@ -208,21 +208,6 @@ ESSAY = [p.split("|") for p in (          # a small grammar standing in for Paul
     "| in the beginning| more than they admit| when money is tight| most of the time| for years")]
 
 
-def load_encoder(name):
-    """A tiktoken encoding such as "gpt2" (from its cache, or downloaded once), or "bytes": built in, offline, the 256
-    single-byte tokens + <|endoftext|> = 256, round-trips any text."""
-    import tiktoken
-    if name == "bytes":
-        return tiktoken.Encoding(
-            name="bytes", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-            mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception as e:
-        raise ValueError(f"cannot load the tiktoken encoding {name!r} ({type(e).__name__}); offline machines need a "
-                         "pre-filled $TIKTOKEN_CACHE_DIR, or use --tokenizer bytes") from None
-
-
 class TextTask:
     """`context + question + answer`, exactly `length` tokens of `enc`, from id lists: haystack sentences encoded once
     as " " + sentence, needle sentences "The secret code for <key> is <value>." at sentence boundaries (keys are
@@ -768,7 +753,8 @@ def main(argv=None):
         if args.task == "token":
             task = TokenTask(vocab, args.haystack)
         else:
-            enc = load_encoder(args.tokenizer or "gpt2")
+            from data import load_encoding           # the same tokenizers (and offline advice) as training
+            enc = load_encoding(args.tokenizer or "gpt2")
             if enc.n_vocab > vocab:
                 raise ValueError(f"the tokenizer has {enc.n_vocab} ids, the model only {vocab}")
             task = TextTask(enc, args.haystack, args.haystack_file)

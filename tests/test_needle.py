@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import needle
 from model import GPT, GPTConfig
 
@@ -540,7 +541,7 @@ def test_no_heatmap_without_matplotlib(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def enc():
     pytest.importorskip("tiktoken")
-    return needle.load_encoder("bytes")
+    return data.load_encoding("bytes")
 
 
 NEEDLE_RE = r"The secret code for (\S+) is (\S+)\."
